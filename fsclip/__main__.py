@@ -1,0 +1,3 @@
+from fsclip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Options and output shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TextIO
+
+DEFAULT_MODEL = os.environ.get("FSCLIP_MODEL", "ViT-B-32@laion2b_s34b_b79k")
+
+
+def add_model_options(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
+    p.add_argument("--model", default=default, required=default is None,
+                   help=f"model spec: folder, ARCH@TAG, hf-hub:ORG/REPO, ORG/REPO or 'shapes' (default: {default})")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="weights/compute dtype (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+
+
+def add_prediction_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--top-k", type=int, default=5, help="predictions per image (default: 5)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="answer 'unknown' when the best score is below this probability")
+    add_output_options(p)
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="table (readable), json (JSON Lines) or csv")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or warnings")
+
+
+def write_records(records: Iterable[dict], fmt: str, out: TextIO = sys.stdout) -> Iterator[dict]:
+    """Stream prediction records to `out` in `fmt`, yielding each one after it is written."""
+    writer = None
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(["path", "rank", "label", "score", "error"])
+    elif fmt == "table":
+        print(f"{'label':<20} {'score':>7}  {'path':<40} others", file=out)
+    for rec in records:
+        if fmt == "json":
+            print(json.dumps(rec, ensure_ascii=False), file=out)
+        elif fmt == "csv":
+            if "error" in rec:
+                writer.writerow([rec["path"], "", "", "", rec["error"]])
+            for rank, p in enumerate(rec.get("predictions", []), 1):
+                writer.writerow([rec["path"], rank, p["label"], f"{p['score']:.6f}", ""])
+        else:
+            if "error" in rec:
+                print(f"{'ERROR':<20} {'':>7}  {rec['path']:<40} {rec['error']}", file=out)
+            else:
+                top, *rest = rec["predictions"]
+                others = ", ".join(f"{p['label']} {p['score']:.2f}" for p in rest)
+                print(f"{rec['label']:<20} {top['score']:>7.3f}  {rec['path']:<40} {others}", file=out)
+        out.flush()
+        yield rec

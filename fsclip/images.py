@@ -1,0 +1,176 @@
+"""Image discovery and decoding that survives real photo folders.
+
+Every failure becomes an `ImageLoadError` with a one-line reason; batch loaders report it per item and
+carry on. Decoding runs in worker threads (PIL releases the GIL while decoding) so it overlaps compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fsclip.errors import DataError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Batch",
+    "ImageLoadError",
+    "find_images",
+    "iter_batches",
+    "load_image",
+    "to_rgb",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+# PIL raises DecompressionBombError above twice its MAX_IMAGE_PIXELS; we refuse at the same size,
+# before decoding, with a reason the user can act on.
+DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
+
+class ImageLoadError(DataError):
+    """One image that could not be used; the message is the reason."""
+
+
+def find_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand files and folders into image files, sorted per folder.
+
+    Returns the image paths and `(path, reason)` for inputs that don't exist. A file named explicitly is
+    kept whatever its extension (it may still fail to decode, and is then reported).
+    """
+    found: list[Path] = []
+    missing: list[tuple[Path, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            walker = p.rglob("*") if recursive else p.glob("*")
+            found.extend(
+                sorted(f for f in walker if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            )
+        elif p.is_file():
+            found.append(p)
+        else:
+            missing.append((p, "no such file or folder"))
+    return found, missing
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: transparency composited on white, 16-bit and float scaled to 8 bits."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        if mode == "F":
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        elif mode.startswith("I;16") or arr.max() > 255:
+            arr = arr / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open, EXIF-rotate and convert one image to RGB, or raise `ImageLoadError` with the reason.
+
+    `draft_size` lets the JPEG decoder shrink by 1/2..1/8 while keeping both sides >= that size,
+    which makes large photos several times cheaper to decode before the resize to model resolution.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageLoadError("empty file")
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError(f"image too large: {w}x{h} pixels is over the {max_pixels}-pixel limit")
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except ImageLoadError:
+        raise
+    except FileNotFoundError:
+        raise ImageLoadError("no such file") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError("not an image (unknown or corrupt format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"image too large: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated data, bad headers, codec errors
+        raise ImageLoadError(f"cannot decode: {e}") from None
+
+
+@dataclass
+class Batch:
+    """Positions (into the input sequence) of the images that loaded, their pixels, and the failures."""
+
+    indices: list[int]
+    pixels: torch.Tensor | None
+    errors: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _load_one(item, transform: Callable, draft_size: int | None) -> torch.Tensor:
+    img = item if isinstance(item, Image.Image) else load_image(item, draft_size=draft_size)
+    return transform(to_rgb(img))
+
+
+def iter_batches(
+    items: Sequence[str | os.PathLike | Image.Image],
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int = 32,
+    num_workers: int | None = None,
+    draft_size: int | None = None,
+) -> Iterator[Batch]:
+    """Decode and transform `items` in background threads, yielding batches in input order.
+
+    Loading runs up to two batches ahead of the consumer, so model compute and decoding overlap.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    workers = num_workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsclip-load") as pool:
+        pending: deque[tuple[int, Future]] = deque()
+        it = iter(enumerate(items))
+        ahead = 2 * batch_size
+
+        def fill() -> None:
+            while len(pending) < ahead:
+                try:
+                    i, item = next(it)
+                except StopIteration:
+                    return
+                pending.append((i, pool.submit(_load_one, item, transform, draft_size)))
+
+        fill()
+        while pending:
+            indices, tensors, errors = [], [], []
+            while pending and len(indices) + len(errors) < batch_size:
+                i, fut = pending.popleft()
+                try:
+                    tensors.append(fut.result())
+                    indices.append(i)
+                except ImageLoadError as e:
+                    errors.append((i, str(e)))
+                    logger.warning("skipping %s: %s", items[i], e)
+                fill()
+            yield Batch(indices, torch.stack(tensors) if tensors else None, errors)

@@ -1,0 +1,63 @@
+"""Prompt templates: named sets shipped in `prompts/`, user JSON files, or inline strings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from fsclip.errors import UsageError
+
+__all__ = ["fill", "list_templates", "load_templates"]
+
+PLACEHOLDER = "{}"
+
+
+def _bundled() -> dict[str, object]:
+    root = resources.files("fsclip.prompts")
+    return {p.name[: -len(".json")]: p for p in root.iterdir() if p.name.endswith(".json")}
+
+
+def list_templates() -> list[str]:
+    """Names of the template sets shipped with fsclip."""
+    return sorted(_bundled())
+
+
+def _validate(templates: Sequence[str], where: str) -> list[str]:
+    if not templates:
+        raise UsageError(f"{where}: no templates")
+    for t in templates:
+        if not isinstance(t, str) or t.count(PLACEHOLDER) != 1:
+            raise UsageError(f"{where}: template {t!r} must contain the placeholder {{}} exactly once")
+    return list(templates)
+
+
+def load_templates(name_or_path: str | Sequence[str] = "imagenet80") -> list[str]:
+    """A shipped set by name, a JSON file (`{"templates": [...]}` or a list), or a list of strings."""
+    if not isinstance(name_or_path, str):
+        return _validate(name_or_path, "templates")
+    bundled = _bundled()
+    if name_or_path in bundled:
+        data = json.loads(bundled[name_or_path].read_text())
+        return _validate(data["templates"], name_or_path)
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"template file {str(path)!r} not found") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"template file {str(path)!r} is not valid JSON: {e}") from None
+        templates = data.get("templates") if isinstance(data, dict) else data
+        if not isinstance(templates, list):
+            raise UsageError(f"template file {str(path)!r} must hold a list or {{\"templates\": [...]}}")
+        return _validate(templates, str(path))
+    raise UsageError(
+        f"unknown template set {name_or_path!r}; choose one of: {', '.join(list_templates())}, or a JSON file"
+    )
+
+
+def fill(template: str, label: str) -> str:
+    # str.replace, not str.format: labels may contain braces
+    return template.replace(PLACEHOLDER, label)
