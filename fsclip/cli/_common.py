@@ -35,8 +35,9 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or warnings")
 
 
-def write_records(records: Iterable[dict], fmt: str, out: TextIO = sys.stdout) -> Iterator[dict]:
-    """Stream prediction records to `out` in `fmt`, yielding each one after it is written."""
+def write_records(records: Iterable[dict], fmt: str, out: TextIO | None = None) -> Iterator[dict]:
+    """Stream prediction records to `out` (default stdout) in `fmt`, yielding each one after it is written."""
+    out = out or sys.stdout
     writer = None
     if fmt == "csv":
         writer = csv.writer(out)
