@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fsclip.errors import UsageError
+
+MARKER = ".fsclip-demo"
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="offline demo: zero-shot on generated shape images",
@@ -26,8 +30,11 @@ def run(args) -> int:
     held = heldout_combos()
     combos = seen_combos()[:: max(1, len(seen_combos()) // 8)][:8] + held
     classes = {f"{c} {s}": [(c, s)] for c, s in combos}
+    if args.out.exists() and not (args.out / MARKER).exists():
+        raise UsageError(f"{str(args.out)!r} exists and was not written by fsclip demo; choose another --out")
     with atomic_dir(args.out, overwrite=True) as tmp:
         write_folder(tmp, classes, args.per_combo, seed=args.seed)
+        (tmp / MARKER).write_text("written by fsclip demo; safe to delete\n")
     paths = sorted(args.out.rglob("*.png"))
     labels = sorted({f"{c} {s}" for c, s in seen_combos() + held})
 
