@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 import torch
 
 from fsclip.backends import hf as _hf  # noqa: F401  (registers)
 from fsclip.backends import openclip as _openclip  # noqa: F401  (registers)
+from fsclip.backends._hub import offline_unless_reachable
 from fsclip.backends.base import Backend
 from fsclip.backends.registry import get_backend, list_backends, resolve_spec
 from fsclip.errors import ModelLoadError, UsageError
@@ -57,24 +60,21 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str | torc
     dt = resolve_dtype(dtype, dev)
     cls = get_backend(resolved.backend)
     logger.info("loading %s via %s on %s (%s)", spec, resolved.backend, dev, dt)
+    local = os.path.isdir(resolved.target.removeprefix("local-dir:"))
     try:
-        return cls.load(spec, resolved.target, resolved.pretrained, dev, dt)
+        with contextlib.nullcontext(False) if local else offline_unless_reachable() as offline:
+            return cls.load(spec, resolved.target, resolved.pretrained, dev, dt)
     except ModelLoadError:
         raise
     except (OSError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(_load_failure(spec, resolved.target, e)) from e
+        raise ModelLoadError(_load_failure(spec, resolved.target, e, offline)) from e
 
 
-def _load_failure(spec: str, target: str, err: Exception) -> str:
+def _load_failure(spec: str, target: str, err: Exception, offline: bool) -> str:
     from huggingface_hub import constants
 
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    offline = any(
-        s in f"{type(err).__name__} {err}".lower()
-        for s in ("offline", "connection", "resolve", "localentrynotfound", "couldn't connect", "network",
-                  "cannot find the requested files", "outgoing traffic")
-    )
-    if offline:
+    if offline and not os.path.isdir(target.removeprefix("local-dir:")):
         return (
             f"cannot load model {spec!r}: its weights are not in the local cache ({constants.HF_HUB_CACHE}) "
             "and the hub is unreachable; download it on a connected machine, or pass a local folder "

@@ -34,7 +34,7 @@ class TransformersBackend(Backend):
     def load(cls, spec: str, target: str, pretrained: str | None, device: torch.device, dtype: torch.dtype):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-        model = AutoModel.from_pretrained(target, dtype=dtype).to(device).eval()
+        model = AutoModel.from_pretrained(target).to(device=device, dtype=dtype).eval()
         if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
             from fsclip.errors import ModelLoadError
 

@@ -36,10 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet = getattr(args, "quiet", False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fsclip: %(levelname)s: %(message)s"))
+    if not args.verbose:  # other libraries' chatter (retries, load reports) only with --verbose
+        handler.addFilter(lambda record: record.name.startswith("fsclip"))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR if quiet else logging.WARNING,
-        format="fsclip: %(levelname)s: %(message)s",
-        stream=sys.stderr,
+        handlers=[handler],
         force=True,
     )
     try:
