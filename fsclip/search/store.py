@@ -1,0 +1,158 @@
+"""The index's SQLite metadata: files, their vectors, bad files, roots, and the published generation.
+
+Versioning is what keeps readers consistent while a writer works. Each file row carries the generation
+that added it and the one that removed it. A writer stages rows for generation G+1, committing every
+batch (so a killed build resumes from its last commit); readers only see rows visible at the published
+generation G, whose FAISS file holds exactly those ids. Publishing G+1 is one transaction, after the
+matching FAISS file is on disk.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from fsclip.errors import IndexError_
+
+__all__ = ["SCHEMA_VERSION", "connect", "create_schema", "read_info", "visible"]
+
+SCHEMA_VERSION = 1
+DB_NAME = "meta.sqlite"
+
+_SCHEMA = """
+CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE roots (path TEXT PRIMARY KEY);
+CREATE TABLE excludes (path TEXT PRIMARY KEY);
+-- id is the FAISS id; AUTOINCREMENT so an id is never reused while an older reader may still hold it
+CREATE TABLE files (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    width INTEGER,
+    height INTEGER,
+    added_gen INTEGER NOT NULL,
+    removed_gen INTEGER
+);
+CREATE UNIQUE INDEX files_live_path ON files (path) WHERE removed_gen IS NULL;
+CREATE INDEX files_hash ON files (hash);
+CREATE INDEX files_added ON files (added_gen);
+CREATE INDEX files_removed ON files (removed_gen);
+CREATE TABLE vectors (id INTEGER PRIMARY KEY, vec BLOB NOT NULL);
+CREATE TABLE errors (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, reason TEXT NOT NULL);
+"""
+
+# Rows a reader at generation `:gen` sees.
+VISIBLE = "added_gen <= :gen AND (removed_gen IS NULL OR removed_gen > :gen)"
+_SQL_VARS = 500  # ids per `IN (...)`; well under SQLite's variable limit
+
+
+def visible(gen: int) -> tuple[str, dict]:
+    return VISIBLE, {"gen": gen}
+
+
+def connect(path: Path, write: bool = False) -> sqlite3.Connection:
+    """Open the metadata database; WAL lets readers keep their snapshot while a writer commits."""
+    db = Path(path) / DB_NAME
+    if not db.is_file():
+        raise IndexError_(f"{path} is not an fsclip index (no {DB_NAME}); build one with `fsclip index build`")
+    try:
+        con = sqlite3.connect(db, timeout=30, check_same_thread=False, isolation_level=None)
+        con.execute("PRAGMA busy_timeout = 30000")
+        if write:
+            # FULL: a commit survives power loss too, so a published generation never points at a
+            # FAISS file that the disk forgot.
+            con.execute("PRAGMA synchronous = FULL")
+        con.execute("PRAGMA foreign_keys = OFF")
+        con.row_factory = sqlite3.Row
+        con.execute("SELECT 1 FROM info LIMIT 1")
+    except sqlite3.DatabaseError as e:
+        raise IndexError_(f"cannot open index {path}: {e}") from None
+    return con
+
+
+def create_schema(con: sqlite3.Connection, info: dict[str, str]) -> None:
+    con.execute("PRAGMA journal_mode = WAL")
+    con.executescript(_SCHEMA)
+    con.executemany("INSERT INTO info (key, value) VALUES (?, ?)",
+                    [("schema_version", str(SCHEMA_VERSION)), *((k, str(v)) for k, v in info.items())])
+
+
+def read_info(con: sqlite3.Connection) -> dict[str, str]:
+    info = {r["key"]: r["value"] for r in con.execute("SELECT key, value FROM info")}
+    version = int(info.get("schema_version", "0"))
+    if version != SCHEMA_VERSION:
+        raise IndexError_(
+            f"index schema version {version} is not supported by this fsclip (it reads version "
+            f"{SCHEMA_VERSION}); rebuild the index with `fsclip index build --overwrite`"
+        )
+    return info
+
+
+def set_info(con: sqlite3.Connection, **values) -> None:
+    con.executemany("INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)",
+                    [(k, str(v)) for k, v in values.items()])
+
+
+def to_blob(vec: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vec, dtype="<f4").tobytes()
+
+
+def from_blobs(blobs: list[bytes], dim: int) -> np.ndarray:
+    """Blobs -> (N, dim) float32."""
+    if not blobs:
+        return np.empty((0, dim), np.float32)
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dim).astype(np.float32)
+
+
+def chunked(seq: list, size: int = _SQL_VARS) -> Iterator[list]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+def vectors_for(con: sqlite3.Connection, ids: Iterable[int], dim: int) -> np.ndarray:
+    """Vectors of `ids`, in the order given: (len(ids), dim)."""
+    ids = [int(i) for i in ids]
+    found: dict[int, bytes] = {}
+    for part in chunked(ids):
+        q = f"SELECT id, vec FROM vectors WHERE id IN ({','.join('?' * len(part))})"
+        found.update((r[0], r[1]) for r in con.execute(q, part))
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise IndexError_(f"index is inconsistent: no stored vector for id {missing[0]}")
+    return from_blobs([found[i] for i in ids], dim)
+
+
+def rows_for(con: sqlite3.Connection, ids: Iterable[int]) -> dict[int, sqlite3.Row]:
+    out: dict[int, sqlite3.Row] = {}
+    for part in chunked([int(i) for i in ids]):
+        q = f"SELECT * FROM files WHERE id IN ({','.join('?' * len(part))})"
+        out.update((r["id"], r) for r in con.execute(q, part))
+    return out
+
+
+def iter_vectors(con: sqlite3.Connection, where: str, params: dict, dim: int,
+                 chunk: int = 8192) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Stream `(ids (n,), vectors (n, dim))` of the file rows matching `where`, in id order.
+
+    Keyset pagination keeps memory at one chunk and never holds a read cursor across a write.
+    """
+    last = -1
+    while True:
+        q = (f"SELECT f.id, v.vec FROM files f JOIN vectors v ON v.id = f.id "
+             f"WHERE f.id > :last AND ({where}) ORDER BY f.id LIMIT {int(chunk)}")
+        rows = con.execute(q, {**params, "last": last}).fetchall()
+        if not rows:
+            return
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        yield ids, from_blobs([r[1] for r in rows], dim)
+        last = int(ids[-1])
+
+
+def ids_where(con: sqlite3.Connection, where: str, params: dict) -> np.ndarray:
+    rows = con.execute(f"SELECT id FROM files WHERE {where} ORDER BY id", params)
+    return np.fromiter((r[0] for r in rows), dtype=np.int64)

@@ -1,0 +1,425 @@
+"""Building and updating an index: scan, diff, embed in committed batches, publish a new generation.
+
+Every encoded batch is one SQLite transaction, so a build killed at any point (Ctrl-C, kill -9, power
+loss) keeps what it committed; the same command then finds those files staged with their size and mtime,
+skips them, embeds the rest and publishes once. Nothing is visible to readers before `_publish`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import resources
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+from fsclip.encode import iter_encoded
+from fsclip.errors import IndexError_, ModelLoadError
+from fsclip.search import faiss_index as fi
+from fsclip.search import store
+from fsclip.search._scan import probe, under, walk
+
+__all__ = ["UpdateReport", "remove", "sync"]
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 512  # files hashed, then embedded, per round; bounds memory whatever the collection size
+RETUNE_FRACTION = 0.05  # re-tune IVF nprobe once this fraction of the collection has changed
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    """What one `add` / `update` did.
+
+    Attributes:
+        embedded: images run through the model.
+        reused: new or changed paths whose content was already indexed (moved, renamed, copied,
+            touched): their stored vector was reused, not recomputed.
+        unchanged: files with the same size and mtime as indexed.
+        resumed: files embedded by an interrupted earlier run and kept.
+        removed: entries whose file is gone.
+        failed: bad files found by this run (skipped and recorded; see `index info`).
+        known_bad: bad files skipped because they have not changed since they failed.
+        total: images searchable afterwards.
+        missing_roots: roots that do not exist now; their entries are kept.
+        kind: FAISS index kind afterwards.
+        seconds: wall time.
+    """
+
+    embedded: int = 0
+    reused: int = 0
+    unchanged: int = 0
+    resumed: int = 0
+    removed: int = 0
+    failed: int = 0
+    known_bad: int = 0
+    total: int = 0
+    missing_roots: tuple[str, ...] = ()
+    kind: str = "flat"
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["missing_roots"] = list(self.missing_roots)
+        return d
+
+
+@contextlib.contextmanager
+def _tx(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _range(root: str) -> tuple[str, str]:
+    """[lo, hi) bounds of the paths strictly under `root`, for an index range scan."""
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _drop(con: sqlite3.Connection, row_id: int, added_gen: int, new: int) -> None:
+    """Remove a live row: staged rows vanish, published ones are marked removed as of `new`."""
+    if added_gen >= new:
+        con.execute("DELETE FROM vectors WHERE id = ?", (row_id,))
+        con.execute("DELETE FROM files WHERE id = ?", (row_id,))
+    else:
+        con.execute("UPDATE files SET removed_gen = ? WHERE id = ?", (new, row_id))
+
+
+def _drop_path(con: sqlite3.Connection, path: str, new: int) -> None:
+    row = con.execute("SELECT id, added_gen FROM files WHERE path = ? AND removed_gen IS NULL", (path,)).fetchone()
+    if row is not None:
+        _drop(con, row[0], row[1], new)
+
+
+def _put(con: sqlite3.Connection, item: tuple, meta: tuple, blob: bytes, new: int) -> None:
+    path, size, mtime_ns = item
+    digest, width, height = meta
+    _drop_path(con, path, new)
+    cur = con.execute(
+        "INSERT INTO files (path, size, mtime_ns, hash, width, height, added_gen) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (path, size, mtime_ns, digest, width, height, new),
+    )
+    con.execute("INSERT INTO vectors (id, vec) VALUES (?, ?)", (cur.lastrowid, blob))
+    con.execute("DELETE FROM errors WHERE path = ?", (path,))
+
+
+def _fail(con: sqlite3.Connection, item: tuple, reason: str, new: int) -> None:
+    path, size, mtime_ns = item
+    _drop_path(con, path, new)  # the old vector no longer describes this file
+    con.execute("INSERT OR REPLACE INTO errors (path, size, mtime_ns, reason) VALUES (?, ?, ?, ?)",
+                (path, size, mtime_ns, reason))
+
+
+def _safe_probe(path: str) -> tuple | str:
+    try:
+        return probe(path)
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+
+
+def _collect_garbage(con: sqlite3.Connection, gen: int) -> None:
+    """Forget rows removed before the published generation (readers that could see them have moved on)."""
+    with _tx(con):
+        con.execute("DELETE FROM vectors WHERE id IN (SELECT id FROM files WHERE removed_gen <= ?)", (gen,))
+        con.execute("DELETE FROM files WHERE removed_gen <= ?", (gen,))
+
+
+def _scan(con: sqlite3.Connection, roots: list[str], excludes: frozenset[str], progress: bool) -> None:
+    con.execute("CREATE TEMP TABLE IF NOT EXISTS scan (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER)")
+    con.execute("DELETE FROM scan")
+    bar = tqdm(unit="file", desc="scanning", disable=None if progress else True, leave=False)
+    try:
+        for root in roots:
+            rows = []
+            for entry in walk(root, excludes):
+                rows.append(entry)
+                if len(rows) >= 4096:
+                    _insert_scan(con, rows)
+                    bar.update(len(rows))
+                    rows = []
+            _insert_scan(con, rows)
+            bar.update(len(rows))
+    finally:
+        bar.close()
+
+
+def _insert_scan(con: sqlite3.Connection, rows: list) -> None:
+    with _tx(con):
+        con.executemany("INSERT OR IGNORE INTO scan VALUES (?, ?, ?)", rows)
+
+
+def _remove_missing(con: sqlite3.Connection, scanned: list[str], other_roots: list[str], new: int) -> int:
+    """Drop entries under the scanned roots whose file was not found (unless another root holds them)."""
+    removed = 0
+    with _tx(con):
+        for root in scanned:
+            lo, hi = _range(root)
+            cond = "(path = :root OR (path >= :lo AND path < :hi)) AND path NOT IN (SELECT path FROM scan)"
+            params = {"root": root, "lo": lo, "hi": hi}
+            gone = con.execute(f"SELECT id, added_gen, path FROM files WHERE removed_gen IS NULL AND {cond}",
+                               params).fetchall()
+            for row_id, added_gen, path in gone:
+                if any(under(path, r) for r in other_roots):
+                    continue
+                _drop(con, row_id, added_gen, new)
+                removed += added_gen < new  # staged-only rows were never visible
+            con.execute(f"DELETE FROM errors WHERE {cond}", params)
+    return removed
+
+
+_TODO = """
+SELECT s.path, s.size, s.mtime_ns FROM scan s
+WHERE s.path > :last
+  AND NOT EXISTS (SELECT 1 FROM files f WHERE f.path = s.path AND f.removed_gen IS NULL
+                  AND f.size = s.size AND f.mtime_ns = s.mtime_ns)
+  AND NOT EXISTS (SELECT 1 FROM errors e WHERE e.path = s.path AND e.size = s.size AND e.mtime_ns = s.mtime_ns)
+ORDER BY s.path LIMIT :n
+"""
+
+
+def _counts(con: sqlite3.Connection, gen: int) -> dict[str, int]:
+    same = ("FROM scan s JOIN files f ON f.path = s.path AND f.removed_gen IS NULL "
+            "AND f.size = s.size AND f.mtime_ns = s.mtime_ns")
+    q = lambda sql, *a: con.execute(sql, a).fetchone()[0]  # noqa: E731
+    unchanged = q(f"SELECT count(*) {same} WHERE f.added_gen <= ?", gen)
+    resumed = q(f"SELECT count(*) {same} WHERE f.added_gen > ?", gen)
+    known_bad = q("SELECT count(*) FROM scan s JOIN errors e ON e.path = s.path AND e.size = s.size "
+                  "AND e.mtime_ns = s.mtime_ns")
+    total = q("SELECT count(*) FROM scan")
+    return dict(unchanged=unchanged, resumed=resumed, known_bad=known_bad,
+                todo=total - unchanged - resumed - known_bad)
+
+
+def _embed(con, index, new: int, todo: int, batch_size: int, num_workers: int | None,
+           progress: bool) -> dict[str, int]:
+    """Hash the files to (re)index, reuse stored vectors for known content, embed the rest."""
+    counts = dict(embedded=0, reused=0, failed=0)
+    bar = tqdm(total=todo, unit="img", desc="indexing", disable=None if progress else True, smoothing=0.1)
+    workers = num_workers or min(4, os.cpu_count() or 1)
+    last = ""
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsclip-hash") as pool:
+            while True:
+                chunk = [tuple(r) for r in con.execute(_TODO, {"last": last, "n": CHUNK}).fetchall()]
+                if not chunk:
+                    break
+                last = chunk[-1][0]
+                metas = list(pool.map(_safe_probe, [c[0] for c in chunk]))
+                to_embed: list[tuple[tuple, tuple]] = []
+                twins: dict[str, list[tuple[tuple, tuple]]] = {}  # same content within this chunk
+                with _tx(con):
+                    for item, meta in zip(chunk, metas):
+                        if isinstance(meta, str):
+                            _fail(con, item, meta, new)
+                            logger.warning("skipping %s: %s", item[0], meta)
+                            counts["failed"] += 1
+                            bar.update(1)
+                            continue
+                        if meta[0] in twins:
+                            twins[meta[0]].append((item, meta))
+                            continue
+                        known = con.execute("SELECT v.vec FROM files f JOIN vectors v ON v.id = f.id "
+                                            "WHERE f.hash = ? LIMIT 1", (meta[0],)).fetchone()
+                        if known is not None:
+                            _put(con, item, meta, known[0], new)
+                            counts["reused"] += 1
+                            bar.update(1)
+                        else:
+                            to_embed.append((item, meta))
+                            twins[meta[0]] = []
+                if not to_embed:
+                    continue
+                paths = [item[0] for item, _ in to_embed]
+                # the model loads only once something needs embedding: a no-op update stays instant
+                for batch in iter_encoded(index.backend, paths, batch_size=batch_size, num_workers=num_workers):
+                    feats = batch.features.cpu().numpy()  # (len(indices), D)
+                    done = 0
+                    with _tx(con):
+                        for row, i in enumerate(batch.indices):
+                            item, meta = to_embed[i]
+                            blob = store.to_blob(feats[row])
+                            _put(con, item, meta, blob, new)
+                            for twin, twin_meta in twins[meta[0]]:
+                                _put(con, twin, twin_meta, blob, new)
+                            counts["embedded"] += 1
+                            counts["reused"] += len(twins[meta[0]])
+                            done += 1 + len(twins[meta[0]])
+                        for i, reason in batch.errors:
+                            item, meta = to_embed[i]
+                            for bad in (item, *(t for t, _ in twins[meta[0]])):
+                                _fail(con, bad, reason, new)
+                                counts["failed"] += 1
+                                done += 1
+                    bar.update(done)
+    finally:
+        bar.close()
+    return counts
+
+
+def sync(index, roots: list[str] | None, *, register: bool, batch_size: int = 32,
+         num_workers: int | None = None, progress: bool = False) -> UpdateReport:
+    """Bring the index in line with the files under `roots` (all stored roots when None), then publish."""
+    t0 = time.perf_counter()
+    with index._writer() as con:
+        gen = int(store.read_info(con)["generation"])
+        new = gen + 1
+        if register:
+            with _tx(con):
+                for root in roots:
+                    con.execute("INSERT OR IGNORE INTO roots (path) VALUES (?)", (root,))
+                    lo, hi = _range(root)
+                    con.execute("DELETE FROM excludes WHERE path = ? OR (path >= ? AND path < ?)", (root, lo, hi))
+        all_roots = [r[0] for r in con.execute("SELECT path FROM roots ORDER BY path")]
+        roots = all_roots if roots is None else roots
+        _collect_garbage(con, gen)
+        excludes = frozenset(r[0] for r in con.execute("SELECT path FROM excludes"))
+        present = [r for r in roots if os.path.exists(r)]
+        missing = tuple(r for r in roots if r not in present)
+        for r in missing:
+            logger.warning("root %s does not exist (unmounted?); keeping its entries", r)
+        _scan(con, present, excludes, progress)
+        others = [r for r in all_roots if r not in present and not any(under(r, p) for p in present)]
+        removed = _remove_missing(con, present, others, new)
+        counts = _counts(con, gen)
+        done = _embed(con, index, new, counts.pop("todo"), batch_size, num_workers, progress)
+        kind, total = _publish(index, con, gen, new, progress)
+    return UpdateReport(removed=removed, **counts, **done, total=total, missing_roots=missing, kind=kind,
+                        seconds=time.perf_counter() - t0)
+
+
+def remove(index, paths: list[str]) -> int:
+    """Remove files / folders from the index and keep them out of later updates."""
+    with index._writer() as con:
+        gen = int(store.read_info(con)["generation"])
+        new = gen + 1
+        roots = [r[0] for r in con.execute("SELECT path FROM roots")]
+        removed = 0
+        with _tx(con):
+            for path in paths:
+                lo, hi = _range(path)
+                cond = "(path = :p OR (path >= :lo AND path < :hi))"
+                params = {"p": path, "lo": lo, "hi": hi}
+                for row_id, added_gen in con.execute(
+                        f"SELECT id, added_gen FROM files WHERE removed_gen IS NULL AND {cond}", params).fetchall():
+                    _drop(con, row_id, added_gen, new)
+                    removed += added_gen < new
+                con.execute(f"DELETE FROM errors WHERE {cond}", params)
+                if path in roots:
+                    con.execute("DELETE FROM roots WHERE path = ?", (path,))
+                elif any(under(path, r) for r in roots):
+                    con.execute("INSERT OR IGNORE INTO excludes (path) VALUES (?)", (path,))
+        _publish(index, con, gen, new, progress=False)
+    return removed
+
+
+def _publish(index, con: sqlite3.Connection, gen: int, new: int, progress: bool) -> tuple[str, int]:
+    """Write the FAISS index for generation `new` (atomically), then make it the published one.
+
+    Returns (kind, count). With nothing staged the published generation stays as it is.
+    """
+    info = store.read_info(con)
+    dim = int(info["dim"])
+    live = "removed_gen IS NULL"
+    n = con.execute(f"SELECT count(*) FROM files WHERE {live}").fetchone()[0]
+    added = con.execute(f"SELECT count(*) FROM files WHERE added_gen = ? AND {live}", (new,)).fetchone()[0]
+    gone = store.ids_where(con, "removed_gen = :new AND added_gen <= :gen", {"new": new, "gen": gen})
+    current = fi.read_index(index.path / f"vectors-{gen}.faiss")
+    if not added and not len(gone):
+        return fi.index_kind(current), int(current.ntotal)
+
+    cfg = index.ann
+    cur_kind = fi.index_kind(current)
+    kind = fi.choose_kind(n, cfg, cur_kind)
+    trained_n = int(info.get("ivf_trained_n", 0))
+    changed = int(info.get("changed_since_tune", 0)) + added + len(gone)
+    meta: dict = {}
+    if kind != cur_kind or (kind == "ivf" and fi.needs_retrain(trained_n, n)):
+        del current
+        built = _build(con, kind, n, dim, cfg, progress)
+        meta.update(ivf_trained_n=n if kind == "ivf" else 0)
+        changed = n  # forces tuning below
+    else:
+        built = current
+        if len(gone):
+            built.remove_ids(faiss_selector(gone))
+        for ids, vecs in store.iter_vectors(con, f"added_gen = :new AND {live}", {"new": new}, dim):
+            built.add_with_ids(vecs, ids)
+    if kind == "ivf" and changed >= RETUNE_FRACTION * n:
+        nprobe, recall = _tune(con, index, built, dim, cfg)
+        ivf = faiss.extract_index_ivf(built)
+        meta.update(nlist=ivf.nlist, nprobe=nprobe, tuned_recall=f"{recall:.4f}")
+        changed = 0
+        logger.info("IVF nlist=%d: nprobe=%d gives recall@10 %.3f on sample queries", ivf.nlist, nprobe, recall)
+    if int(built.ntotal) != n:
+        raise IndexError_(f"index is inconsistent: FAISS holds {built.ntotal} vectors, metadata {n}")
+    fi.write_index(built, index.path / f"vectors-{new}.faiss")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    with _tx(con):
+        store.set_info(con, generation=new, kind=kind, count=n, changed_since_tune=changed, updated=now, **meta)
+    for f in index.path.glob("vectors-*.faiss"):
+        if f.name != f"vectors-{new}.faiss":
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+    return kind, n
+
+
+def faiss_selector(ids: np.ndarray):
+    return faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def _build(con, kind: str, n: int, dim: int, cfg: fi.AnnConfig, progress: bool):
+    """A fresh index over every live vector, streamed from SQLite in chunks."""
+    live = "removed_gen IS NULL"
+    if kind == "flat":
+        index = fi.new_flat(dim)
+    else:
+        nlist = fi.nlist_for(n)
+        rng = np.random.default_rng(cfg.seed)
+        ids = store.ids_where(con, live, {})
+        sample = rng.choice(ids, size=min(len(ids), fi.SAMPLE_PER_LIST * nlist), replace=False)
+        logger.info("training IVF with %d lists on %d of %d vectors", nlist, len(sample), n)
+        index = fi.new_ivf(store.vectors_for(con, np.sort(sample), dim), nlist, seed=cfg.seed)
+    bar = tqdm(total=n, unit="vec", desc=f"building {kind} index", disable=None if progress else True, leave=False)
+    try:
+        for ids, vecs in store.iter_vectors(con, live, {}, dim):
+            index.add_with_ids(vecs, ids)
+            bar.update(len(ids))
+    finally:
+        bar.close()
+    return index
+
+
+def _tune(con, index, built, dim: int, cfg: fi.AnnConfig) -> tuple[int, float]:
+    live = "removed_gen IS NULL"
+    rng = np.random.default_rng(cfg.seed + 1)
+    ids = store.ids_where(con, live, {})
+    qids = np.sort(rng.choice(ids, size=min(len(ids), cfg.tune_queries), replace=False))
+    sets = [(store.vectors_for(con, qids, dim), qids)]
+    try:
+        sets.append((index.encode_text(tuning_queries()), None))
+    except ModelLoadError as e:  # tuned on image queries only: text recall may fall short
+        logger.warning("cannot load the index's model to tune on text queries (%s); tuning on images only", e)
+    return fi.tune_nprobe(built, sets, lambda: store.iter_vectors(con, live, {}, dim),
+                          cfg.tune_target)
+
+
+@functools.cache
+def tuning_queries() -> list[str]:
+    data = json.loads((resources.files("fsclip.search") / "tuning_queries.json").read_text(encoding="utf-8"))
+    return list(data["queries"])

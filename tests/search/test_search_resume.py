@@ -1,0 +1,146 @@
+"""kill -9 resume: a build killed mid-way and restarted with the same command equals an uninterrupted build.
+
+The child is the real `fsclip index build` in its own process. To kill it at a known point (rather than
+racing a fast build) it runs with a pause hook: after N rows written inside an open transaction, or
+after the new FAISS file is written but before the generation is published. The parent then sends
+SIGKILL from outside, as a user or the OOM killer would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from searchutil import render_photos
+
+from fsclip.cli import main
+from fsclip.search import ImageIndex
+
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    import fsclip.search.update as update
+
+    def pause():
+        print("PAUSED", flush=True)
+        time.sleep(600)
+
+    kind, _, n = os.environ["FSCLIP_TEST_KILL_AT"].partition(":")
+    if kind == "put":  # inside an open transaction: this batch is half written
+        real_put, calls = update._put, [0]
+        def put(*a, **kw):
+            real_put(*a, **kw)
+            calls[0] += 1
+            if calls[0] == int(n):
+                pause()
+        update._put = put
+    else:  # the new FAISS file is on disk, the generation not yet published
+        real_write = update.fi.write_index
+        def write(*a, **kw):
+            real_write(*a, **kw)
+            pause()
+        update.fi.write_index = write
+
+    from fsclip.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _kill_at(tmp_path, argv: list[str], where: str) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "FSCLIP_TEST_KILL_AT": where, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 180)
+        line = proc.stdout.readline() if ready else ""
+        assert line == "PAUSED\n", f"child did not reach the kill point: {line!r} {proc.stderr.read() if not ready else ''}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _state(index: ImageIndex) -> dict[str, np.ndarray]:
+    ids, vecs = index.vectors()
+    con = sqlite3.connect(index.path / "meta.sqlite")
+    rows = con.execute("SELECT id, path FROM files WHERE removed_gen IS NULL").fetchall()
+    dupes = con.execute("SELECT count(*) - count(DISTINCT path) FROM files WHERE removed_gen IS NULL").fetchone()[0]
+    con.close()
+    assert dupes == 0 and len(rows) == len(ids) == len(index), "duplicate or unpublished entries"
+    path_of = dict(rows)
+    return {path_of[int(i)]: v for i, v in zip(ids, vecs)}
+
+
+def _assert_same(resumed: ImageIndex, reference: ImageIndex) -> None:
+    a, b = _state(resumed), _state(reference)
+    assert sorted(a) == sorted(b)
+    for path in a:
+        np.testing.assert_allclose(a[path], b[path], atol=1e-5)
+    q = reference.encode_text(["a red circle", "a blue star"])
+    for ha, hb in zip(resumed.search_vectors(q, k=15), reference.search_vectors(q, k=15)):
+        assert [h.path for h in ha] == [h.path for h in hb]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume-photos")
+    render_photos(root / "a", 150, seed=11)
+    render_photos(root / "b", 150, seed=12, start=150)
+    return root
+
+
+def _argv(photos, idx, tiny_openclip_dir) -> list[str]:
+    return ["index", "build", str(photos), "--index", str(idx), "--model", str(tiny_openclip_dir),
+            "--device", "cpu", "--batch-size", "8", "--format", "json", "-q"]
+
+
+def test_build_killed_mid_batch_resumes_without_duplicates_or_loss(tmp_path, photos, tiny_openclip_dir,
+                                                                    tiny_backend, capsys):
+    reference = ImageIndex.create(tmp_path / "ref.idx", tiny_backend)
+    reference.add([photos], batch_size=8)
+    idx = tmp_path / "killed.idx"
+    argv = _argv(photos, idx, tiny_openclip_dir)
+    _kill_at(tmp_path, argv, "put:100")  # 12 batches committed, the 13th half written
+
+    # a reader opening the index now sees the last published state: empty, yet no error
+    reader = ImageIndex.open(idx)
+    assert len(reader) == 0 and reader.search_vectors(np.ones((1, reader.dim), np.float32), k=5) == [[]]
+    assert reader.info()["pending"] == 96  # 12 committed batches; the open one rolled back
+
+    assert main(argv) == 0  # the same command again
+    report = json.loads(capsys.readouterr().out)
+    assert (report["resumed"], report["embedded"], report["total"]) == (96, 204, 300)
+    _assert_same(ImageIndex.open(idx), reference)
+    assert reader.info()["images"] == 300  # the old reader moves to the new generation by itself
+
+
+def test_update_killed_before_publish_resumes(tmp_path, photos, tiny_openclip_dir, tiny_backend, capsys):
+    idx = tmp_path / "update.idx"
+    index = ImageIndex.create(idx, tiny_backend)
+    index.add([photos / "a"], batch_size=8)
+    argv = _argv(photos, idx, tiny_openclip_dir)
+    _kill_at(tmp_path, argv, "publish")  # all 300 embedded and a new FAISS file written; not published
+
+    reader = ImageIndex.open(idx)
+    assert len(reader) == 150 and {h.path for h in reader.search(text="a circle", k=300)} == {
+        str(p) for p in (photos / "a").iterdir()}
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["embedded"], report["resumed"], report["unchanged"], report["total"]) == (0, 150, 150, 300)
+    reference = ImageIndex.create(tmp_path / "ref.idx", tiny_backend)
+    reference.add([photos], batch_size=8)
+    resumed = ImageIndex.open(idx)
+    _assert_same(resumed, reference)
+    # the stale file of the killed run was replaced; only the published generation's file is left
+    assert [p.name for p in idx.glob("*.faiss")] == [f"vectors-{resumed.generation}.faiss"]
+    assert not list(idx.glob(".*.tmp"))
