@@ -266,6 +266,9 @@ class ImageIndex:
         roots = [normpath(p) for p in _as_list(paths)]
         if not roots:
             raise UsageError("no paths given to add")
+        missing = [r for r in roots if not os.path.exists(r)]
+        if missing:
+            raise DataError(f"no such file or folder: {missing[0]}")
         return sync(self, roots, register=True, batch_size=batch_size, num_workers=num_workers, progress=progress)
 
     def update(self, *, batch_size: int = 32, num_workers: int | None = None, progress: bool = False):

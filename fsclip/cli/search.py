@@ -1,0 +1,83 @@
+"""`fsclip search`: query an index by text and/or example images, with metadata filters."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("search", help="search an index by text or example image",
+                       description='Rank indexed images, e.g. fsclip search my.idx "a red car at night" -k 20. '
+                                   "Several positives are averaged; --minus queries are subtracted.")
+    p.add_argument("index", help="index folder (from `fsclip index build`)")
+    p.add_argument("text", nargs="?", help="text query")
+    p.add_argument("--query", action="append", default=[], metavar="TEXT", help="another text query; repeatable")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="example image (indexed or not); repeatable")
+    p.add_argument("--minus", action="append", default=[], metavar="TEXT",
+                   help="text the results should be unlike; repeatable")
+    p.add_argument("--minus-image", action="append", default=[], metavar="PATH",
+                   help="image the results should be unlike; repeatable")
+    p.add_argument("--negative-weight", type=float, default=0.5,
+                   help="weight of the --minus queries (default: 0.5)")
+    p.add_argument("-k", "--top-k", dest="k", type=int, default=10, help="number of results (default: 10)")
+    f = p.add_argument_group("filters")
+    f.add_argument("--glob", help='path pattern; * also matches "/", e.g. "*/2023/*" or "*.jpg"')
+    f.add_argument("--prefix", help="path prefix, e.g. a folder (relative paths are made absolute)")
+    f.add_argument("--after", help="modified at or after: YYYY-MM-DD[THH:MM[:SS]] or epoch seconds")
+    f.add_argument("--before", help="modified before: YYYY-MM-DD[THH:MM[:SS]] or epoch seconds")
+    for side in ("min", "max"):
+        for dim in ("width", "height"):
+            f.add_argument(f"--{side}-{dim}", type=int, help=f"{side}imum image {dim} in pixels")
+    p.add_argument("--model", default=None, help="model spec; must be the index's model (default: the index's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="table (readable), json (JSON Lines) or csv")
+    p.add_argument("-q", "--quiet", action="store_true", help="no warnings")
+    p.set_defaults(func=run)
+
+
+def _where(args):
+    from fsclip.search import Where
+    from fsclip.search._scan import normpath
+    from fsclip.search.query import parse_time
+
+    return Where(
+        path_glob=args.glob,
+        path_prefix=None if args.prefix is None else normpath(args.prefix) + ("/" if args.prefix.endswith("/") else ""),
+        modified_after=None if args.after is None else parse_time(args.after, "--after"),
+        modified_before=None if args.before is None else parse_time(args.before, "--before"),
+        min_width=args.min_width, max_width=args.max_width, min_height=args.min_height, max_height=args.max_height,
+    )
+
+
+def run(args) -> int:
+    from fsclip.errors import UsageError
+    from fsclip.search import ImageIndex
+
+    texts = ([args.text] if args.text is not None else []) + args.query
+    if not texts and not args.image:
+        raise UsageError("nothing to search for: give a text query, --query TEXT or --image PATH")
+    where = _where(args)
+    with ImageIndex.open(args.index, model=args.model, device=args.device, dtype=args.dtype) as index:
+        hits = index.search(text=texts, image=args.image, negative_text=args.minus,
+                            negative_image=args.minus_image, negative_weight=args.negative_weight,
+                            k=args.k, where=where)
+    if args.format == "json":
+        for h in hits:
+            print(json.dumps({"path": h.path, "score": round(h.score, 6)}, ensure_ascii=False))
+    elif args.format == "csv":
+        w = csv.writer(sys.stdout)
+        w.writerow(["rank", "score", "path"])
+        for rank, h in enumerate(hits, 1):
+            w.writerow([rank, f"{h.score:.6f}", h.path])
+    else:
+        print(f"{'rank':>4} {'score':>7}  path")
+        for rank, h in enumerate(hits, 1):
+            print(f"{rank:>4} {h.score:>7.4f}  {h.path}")
+    if not hits and not args.quiet:
+        print("fsclip: no results (empty index, or no image matches the filters)", file=sys.stderr)
+    return 0
