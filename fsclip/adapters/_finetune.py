@@ -1,0 +1,185 @@
+"""Fine-tuning of the image tower under a classification head initialised from zero-shot.
+
+The head starts as the zero-shot text classifier (logit scale times the class-prompt embeddings), so
+step 0 is zero-shot and training only has to improve on it (LP-FT style). The practices of the
+transfer-learning playbook: discriminative learning rates (head highest, then each block lower than
+the one above it, the stem lowest), optional gradual unfreezing from the top down, augmentation
+(random resized crop, optional flip), weight decay, early stopping on validation, best checkpoint
+restored. The text tower stays frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsclip.adapters._train import (
+    ImageBatches,
+    batched_features,
+    class_targets,
+    image_params,
+    preprocess_all,
+    run_training,
+    score,
+    trainable_copy,
+)
+from fsclip.adapters.base import Adapter, BaseModel
+from fsclip.adapters.config import TrainingConfig, check_field
+from fsclip.backends import Backend
+from fsclip.data import LabeledImages
+from fsclip.errors import AdapterError
+from fsclip.prompts_io import load_templates
+from fsclip.zeroshot import build_text_classifier
+
+__all__ = ["FineTuneAdapter", "FineTuneConfig"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FineTuneConfig(TrainingConfig):
+    """Attributes (besides the training options):
+    head_lr: learning rate of the classification head (the newest layer, so the highest).
+    layer_decay: learning-rate factor per block going down from the top (discriminative rates).
+    gradual_unfreeze: start with the backbone frozen and unfreeze one more block per epoch, top down.
+    """
+
+    lr: float = 1e-4
+    epochs: int | None = 30
+    patience: int = 5
+    head_lr: float = 1e-3
+    layer_decay: float = 0.7
+    gradual_unfreeze: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_field(self.head_lr > 0, "head_lr", self.head_lr, "> 0")
+        check_field(0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "in (0, 1]")
+        check_field(isinstance(self.gradual_unfreeze, bool), "gradual_unfreeze", self.gradual_unfreeze,
+                    "true or false")
+
+
+def _groups(params: dict[str, nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups at `lr`: weight decay on matrices only (not on norms, biases, embeddings' scale)."""
+    decay = [p for n, p in params.items() if p.ndim >= 2]
+    other = [p for n, p in params.items() if p.ndim < 2]
+    return [g for g in ({"params": decay, "lr": lr, "weight_decay": weight_decay},
+                        {"params": other, "lr": lr, "weight_decay": 0.0}) if g["params"]]
+
+
+class FineTuneAdapter(Adapter):
+    """Base of `partial-ft` and `full-ft`: they differ only in how many blocks they train."""
+
+    frozen_backbone = False
+
+    def __init__(self, backend: Backend, classes: Sequence[str], config: FineTuneConfig, head: nn.Linear,
+                 trained: list[str], base: BaseModel):
+        super().__init__(backend, classes, config, base)
+        self.head = head
+        self.trained = trained  # names of the backbone parameters this adapter changed
+        self.train_result: dict[str, Any] = {}
+
+    @classmethod
+    def blocks_to_train(cls, config: FineTuneConfig, n_blocks: int) -> int:
+        """How many of the last blocks to unfreeze."""
+        raise NotImplementedError
+
+    @classmethod
+    def trains_stem(cls, config: FineTuneConfig, n_blocks: int) -> bool:
+        return cls.blocks_to_train(config, n_blocks) == n_blocks
+
+    @classmethod
+    def fit(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: FineTuneConfig,
+            progress: bool = False) -> FineTuneAdapter:
+        base = BaseModel.of(backend)
+        own = trainable_copy(backend)
+        parts = image_params(own)
+        n_blocks = len(parts.blocks)
+        k = cls.blocks_to_train(config, n_blocks)
+        stem = cls.trains_stem(config, n_blocks)
+        text = build_text_classifier(backend, train.classes, load_templates(config.templates)).float()
+        head = nn.Linear(text.shape[1], len(train.classes)).to(own.device)
+        with torch.no_grad():
+            head.weight.copy_(backend.logit_scale * text)  # step 0 is zero-shot
+            head.bias.zero_()
+
+        # units from the top down: projection head, last block, ..., first trained block, (stem)
+        units = [parts.head, *reversed(parts.blocks[n_blocks - k:]), *([parts.stem] if stem else [])]
+        for p in own.model.parameters():
+            p.requires_grad_(False)
+        groups = [*_groups(dict(head.named_parameters()), config.head_lr, config.weight_decay)]
+        for depth, unit in enumerate(units):
+            groups += _groups(unit, config.lr * config.layer_decay ** depth, config.weight_decay)
+            for p in unit.values():
+                p.requires_grad_(True)
+        trainable = {f"head.{n}": p for n, p in head.named_parameters()}
+        trainable.update({f"model.{n}": p for unit in units for n, p in unit.items()})
+        logger.info("%s: training %d of %d blocks%s and the head; %d parameters", cls.name, k, n_blocks,
+                    " and the stem" if stem else "", sum(p.numel() for p in trainable.values()))
+
+        def on_epoch(epoch: int) -> None:
+            # epoch 0: heads only; then one more unit per epoch, top down
+            for depth, unit in enumerate(units):
+                for p in unit.values():
+                    p.requires_grad_(depth <= epoch)
+
+        def loss_fn(pixels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(head(own.forward_images(pixels)).float(), y)
+
+        val_pixels, val_y = preprocess_all(own, val, "validation image"), class_targets(val)
+
+        def evaluate() -> tuple[float, float]:
+            return score(head(batched_features(own, val_pixels)), val_y)
+
+        batches = ImageBatches(own, train, config.batch_size, config.crop_scale, config.flip, config.seed)
+        steps = config.total_steps(len(train), 30 * len(batches))
+        opt = torch.optim.AdamW(groups, lr=config.lr)
+        result = run_training(params=trainable, optimizer=opt, batches=batches, loss_fn=loss_fn, evaluate=evaluate,
+                              model=own.model, total_steps=steps, eval_every=config.eval_every or len(batches),
+                              patience=config.patience, keep_best=config.keep_best,
+                              on_epoch=on_epoch if config.gradual_unfreeze else None,
+                              desc=cls.name, progress=progress)
+        for p in own.model.parameters():
+            p.requires_grad_(False)
+        own.__dict__.pop("fingerprint", None)
+        head.requires_grad_(False)
+        adapter = cls(own, train.classes, config, head, sorted(n for unit in units for n in unit), base)
+        adapter.train_result = {"best_step": result.best_step, "steps_run": result.steps, "total_steps": steps,
+                                "blocks_trained": k, "blocks": n_blocks, "history": result.history}
+        return adapter
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.to(self.head.weight))  # (N, D) @ (D, C) + (C,) -> (N, C)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        params = dict(self.backend.model.named_parameters())
+        out = {f"head.{n}": p for n, p in self.head.named_parameters()}
+        out.update({f"model.{n}": params[n] for n in self.trained})
+        return out
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"training": self.train_result}
+
+    @classmethod
+    def from_state(cls, backend, classes, config, tensors, extra, base) -> FineTuneAdapter:
+        own = trainable_copy(backend)
+        model_sd = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        result = own.model.load_state_dict(model_sd, strict=False)
+        if result.unexpected_keys:
+            raise AdapterError(f"fine-tuned weights do not fit {backend.spec!r}: unexpected "
+                               f"{result.unexpected_keys[:3]}")
+        own.model.requires_grad_(False)
+        own.__dict__.pop("fingerprint", None)
+        weight = tensors["head.weight"]
+        head = nn.Linear(weight.shape[1], weight.shape[0]).to(own.device)
+        head.load_state_dict({"weight": weight, "bias": tensors["head.bias"]})
+        head.requires_grad_(False)
+        adapter = cls(own, classes, config, head, sorted(model_sd), base)
+        adapter.train_result = extra.get("training", {})
+        return adapter

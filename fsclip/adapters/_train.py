@@ -1,0 +1,285 @@
+"""What the methods that train the towers share: a private copy of the model, augmented batches, the
+optimisation loop with validation checks, early stopping and restoring the best weights."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from fsclip.adapters._augment import random_view
+from fsclip.adapters._features import load_images_or_fail
+from fsclip.backends import Backend
+from fsclip.data import LabeledImages
+
+__all__ = [
+    "ImageBatches",
+    "ImageParams",
+    "TrainResult",
+    "autocast",
+    "batched_features",
+    "class_targets",
+    "image_params",
+    "preprocess_all",
+    "run_training",
+    "score",
+    "shots_per_class",
+    "trainable_copy",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def trainable_copy(backend: Backend) -> Backend:
+    """A deep copy of `backend` in float32 (the caller's model is never modified).
+
+    The copy's fingerprint is recomputed from its own weights once they change, so caches keyed by the
+    fingerprint (label embeddings, features) never mix the adapted model with the base one.
+    """
+    # Share what holds no weights (tokenizers, image processors: large vocabularies, slow to copy);
+    # deep-copy the model and whatever points into it (e.g. views of its text tower).
+    memo = {id(v): v for v in vars(backend).values() if not _holds_weights(v)}
+    out = copy.deepcopy(backend, memo)
+    out.__dict__.pop("fingerprint", None)
+    out.model.float()
+    out.dtype = torch.float32
+    return out
+
+
+def _holds_weights(value) -> bool:
+    weights = (nn.Module, torch.Tensor)
+    return isinstance(value, weights) or any(isinstance(v, weights) for v in getattr(value, "__dict__", {}).values())
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA GPUs that have it; float32 elsewhere (bf16 on CPU is slower, fp16 needs scaling)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class ImageParams:
+    """Image-path parameters by depth: stem (patch/position embeddings), blocks (first to last), head."""
+
+    stem: dict[str, nn.Parameter]
+    blocks: list[dict[str, nn.Parameter]]
+    head: dict[str, nn.Parameter]  # after the last block: final norm, projection to the joint space
+
+
+def image_params(backend: Backend) -> ImageParams:
+    """Find which parameters sit before, in and after the vision blocks, for any backend.
+
+    Autograd tells: a backward pass from the image features reaches every image-path parameter; with
+    the last block's output detached it reaches only those after the blocks.
+    """
+    model = backend.model
+    names = {id(p): n for n, p in model.named_parameters()}
+    blocks = [{names[id(p)]: p for p in b.parameters()} for b in backend.image_blocks()]
+    in_blocks = {n for b in blocks for n in b}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    size = backend.image_size
+    dummy = torch.zeros(1, 3, size, size, device=backend.device, dtype=backend.dtype)
+
+    def reached(detach_last: bool) -> set[str]:
+        def cut(_module, _inputs, out):
+            return (out[0].detach(), *out[1:]) if isinstance(out, tuple) else out.detach()
+
+        handle = backend.image_blocks()[-1].register_forward_hook(cut) if detach_last else None
+        model.zero_grad(set_to_none=True)
+        try:
+            with torch.enable_grad():
+                backend.forward_images(dummy).sum().backward()
+        finally:
+            if handle is not None:
+                handle.remove()
+        found = {n for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return found
+
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        path, after = reached(False), reached(True)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    params = dict(model.named_parameters())
+    return ImageParams(
+        stem={n: params[n] for n in sorted(path - after - in_blocks)},
+        blocks=blocks,
+        head={n: params[n] for n in sorted(after - in_blocks)},
+    )
+
+
+def preprocess_all(backend: Backend, data: LabeledImages, what: str) -> torch.Tensor:
+    """(N, 3, H, W) model inputs of every image, exactly as `backend.preprocess` makes them."""
+    images = load_images_or_fail(data.paths, what)
+    return torch.stack([backend.preprocess(img) for img in images])
+
+
+class ImageBatches:
+    """Endless augmented, preprocessed batches: decode once, new crops and flips every epoch."""
+
+    def __init__(self, backend: Backend, data: LabeledImages, batch_size: int, crop_scale: float, flip: bool,
+                 seed: int):
+        self.backend = backend
+        size = backend.image_size
+        # decode once; shrink big photos (a crop keeps >= scale of the area, so 2x model size is enough)
+        self.images = [_shrink(img, 2 * size) for img in load_images_or_fail(data.paths)]
+        self.targets = torch.tensor(data.targets, dtype=torch.long)
+        self.batch_size = min(batch_size, len(self.images))
+        self.crop_scale, self.flip = crop_scale, flip
+        self.rng = np.random.default_rng(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        size = self.backend.image_size
+        while True:
+            order = self.rng.permutation(len(self.images))
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                pixels = torch.stack([
+                    self.backend.preprocess(random_view(self.images[i], self.rng, size, self.crop_scale, self.flip))
+                    for i in idx
+                ])
+                yield pixels, self.targets[idx]
+            self.epoch += 1
+
+
+def _shrink(img: Image.Image, side: int) -> Image.Image:
+    if min(img.size) <= side:
+        return img
+    scale = side / min(img.size)
+    return img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+
+
+def score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, -NLL): compare as a tuple, larger is better; NLL breaks accuracy ties."""
+    logits, targets = logits.float().cpu(), targets.cpu()
+    return float((logits.argmax(-1) == targets).float().mean()), -float(F.cross_entropy(logits, targets))
+
+
+@dataclass
+class TrainResult:
+    best_step: int
+    best_score: tuple[float, float]
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+
+def run_training(
+    *,
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    batches: ImageBatches,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    evaluate: Callable[[], tuple[float, float]],
+    model: nn.Module,
+    total_steps: int,
+    eval_every: int = 0,
+    patience: int = 0,
+    keep_best: bool = True,
+    warmup: int = 0,
+    on_epoch: Callable[[int], None] | None = None,
+    desc: str = "training",
+    progress: bool = False,
+) -> TrainResult:
+    """Cosine-decayed training with validation every `eval_every` steps (and before the first).
+
+    With `keep_best`, the weights in `params` end as those of the best validation check, which may be
+    the starting point: a run that never beats its initialisation (e.g. zero-shot) changes nothing.
+    """
+    eval_every = eval_every or max(1, total_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) if s < warmup else
+        0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup))),
+    )
+
+    def check(step: int) -> tuple[float, float]:
+        model.eval()
+        with torch.no_grad():
+            result = evaluate()
+        result_dict = {"step": step, "val_accuracy": round(result[0], 4), "val_nll": round(-result[1], 4)}
+        history.append(result_dict)
+        logger.info("%s: step %d, validation accuracy %.3f, NLL %.3f", desc, step, result[0], -result[1])
+        return result
+
+    history: list[dict] = []
+    best = check(0)
+    best_step, best_state, stale = 0, {n: p.detach().clone() for n, p in params.items()}, 0
+    epoch = -1
+    device = next(iter(params.values())).device
+    it = iter(batches)
+    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=None if progress else True, leave=False)
+    step = 0
+    try:
+        for step in range(1, total_steps + 1):
+            if on_epoch is not None and batches.epoch != epoch:
+                epoch = batches.epoch
+                on_epoch(epoch)
+            pixels, targets = next(it)
+            model.train()
+            with autocast(device):
+                loss = loss_fn(pixels.to(device), targets.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if step % eval_every == 0 or step == total_steps:
+                result = check(step)
+                if result > best:
+                    best, best_step, stale = result, step, 0
+                    best_state = {n: p.detach().clone() for n, p in params.items()}
+                else:
+                    stale += 1
+                    if patience and stale >= patience:
+                        logger.info("%s: no better validation score in %d checks; stopping at step %d",
+                                    desc, stale, step)
+                        break
+    finally:
+        bar.close()
+        model.eval()
+    if not keep_best:  # the run always ends with a check, so the last one describes these weights
+        return TrainResult(step, (history[-1]["val_accuracy"], -history[-1]["val_nll"]), step, history)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(best_state[n])
+    logger.info("%s: kept the weights of step %d (validation accuracy %.3f)", desc, best_step, best[0])
+    return TrainResult(best_step, best, step, history)
+
+
+def batched_features(backend: Backend, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, D) normalised features without gradients, in batches."""
+    out = [backend.forward_images(pixels[i : i + batch_size].to(backend.device, backend.dtype)).float()
+           for i in range(0, len(pixels), batch_size)]
+    return torch.cat(out)
+
+
+def class_targets(data: LabeledImages) -> torch.Tensor:
+    return torch.tensor(data.targets, dtype=torch.long)
+
+
+def shots_per_class(data: LabeledImages) -> int:
+    """The smallest number of training images of any class."""
+    return min(len(ix) for ix in data.by_class().values())

@@ -1,0 +1,132 @@
+"""Configuration shared by the adapters: frozen dataclasses validated on construction.
+
+Each method's config subclasses `AdapterConfig` (or `TrainingConfig` when it trains with an optimiser);
+change one with `dataclasses.replace`, which validates again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from fsclip.errors import UsageError
+
+__all__ = ["AdapterConfig", "TrainingConfig", "check_field"]
+
+
+def check_field(ok: bool, field: str, value: Any, expected: str) -> None:
+    """Raise the one-line error every config uses: `lr must be > 0, got -1.0`."""
+    if not ok:
+        raise UsageError(f"{field} must be {expected}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Options every adapter has.
+
+    Attributes:
+        templates: prompt templates for the class-name text classifier (zero-shot prior): a shipped set
+            name, a JSON file, or a sequence of strings with `{}`.
+        calibrate: fit a temperature on the validation split so that probabilities are calibrated.
+        seed: seeds weight initialisation, augmentation and batch order.
+    """
+
+    templates: str | tuple[str, ...] = "imagenet80"
+    calibrate: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.templates, list):
+            object.__setattr__(self, "templates", tuple(self.templates))
+        check_field(isinstance(self.templates, (str, tuple)) and len(self.templates) > 0, "templates",
+                    self.templates, "a template set name, a JSON file or a non-empty list of templates")
+        check_field(isinstance(self.calibrate, bool), "calibrate", self.calibrate, "true or false")
+        check_field(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
+        unknown = sorted(set(values) - set(cls.fields()))
+        if unknown:
+            raise UsageError(f"unknown option(s) {', '.join(unknown)}; {cls.__name__} has: {', '.join(cls.fields())}")
+        return cls(**values)
+
+    def with_options(self, **overrides: Any) -> AdapterConfig:
+        """`dataclasses.replace` with a one-line error naming the valid options."""
+        unknown = sorted(set(overrides) - set(self.fields()))
+        if unknown:
+            raise UsageError(
+                f"unknown option(s) {', '.join(unknown)} for {type(self).__name__}; choose from: "
+                f"{', '.join(self.fields())}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+
+@dataclass(frozen=True)
+class TrainingConfig(AdapterConfig):
+    """Options of adapters trained with an optimiser on images (LoRA, fine-tuning).
+
+    Attributes:
+        lr: peak learning rate (AdamW, cosine decay).
+        weight_decay: AdamW weight decay.
+        batch_size: images per optimisation step.
+        epochs: passes over the training images; exclusive with `iters`.
+        iters: optimisation steps; when neither is set the method's default schedule applies.
+        eval_every: steps between validation checks (0: ten checks over the run).
+        patience: stop after this many checks without a better validation score (0: never stop early).
+        keep_best: end with the weights of the best validation check (else those of the last step).
+        crop_scale: smallest area fraction of the random resized crop (1.0 disables cropping).
+        flip: random horizontal flips (turn off where mirror images mean something else).
+    """
+
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    batch_size: int = 32
+    epochs: int | None = None
+    iters: int | None = None
+    eval_every: int = 0
+    patience: int = 0
+    keep_best: bool = True
+    crop_scale: float = 0.5
+    flip: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_field(self.lr > 0, "lr", self.lr, "> 0")
+        check_field(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        check_field(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check_field(self.epochs is None or (isinstance(self.epochs, int) and self.epochs >= 1), "epochs",
+                    self.epochs, "an integer >= 1 or None")
+        check_field(self.iters is None or (isinstance(self.iters, int) and self.iters >= 1), "iters",
+                    self.iters, "an integer >= 1 or None")
+        if self.epochs is not None and self.iters is not None:
+            raise UsageError(f"give epochs or iters, not both (epochs={self.epochs}, iters={self.iters})")
+        check_field(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
+        check_field(isinstance(self.patience, int) and self.patience >= 0, "patience", self.patience, ">= 0")
+        check_field(isinstance(self.keep_best, bool), "keep_best", self.keep_best, "true or false")
+        check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
+        check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
+
+    def with_options(self, **overrides: Any) -> TrainingConfig:
+        """As `AdapterConfig.with_options`; `epochs` and `iters` replace each other (both give the length)."""
+        if overrides.get("iters") is not None and "epochs" not in overrides:
+            overrides["epochs"] = None
+        if overrides.get("epochs") is not None and "iters" not in overrides:
+            overrides["iters"] = None
+        return super().with_options(**overrides)
+
+    def total_steps(self, n_images: int, default: int) -> int:
+        """Steps to run: `iters`, else `epochs` passes over `n_images`, else the method's `default`."""
+        if self.iters is not None:
+            return self.iters
+        if self.epochs is not None:
+            return self.epochs * -(-n_images // self.batch_size)
+        return default

@@ -1,0 +1,33 @@
+"""Full fine-tuning of the image tower with discriminative learning rates.
+
+The playbook's answer for large data, or a domain far from the pretraining photos: every layer
+adapts, starting from the pretrained weights, at a learning rate 10-100x below training from scratch
+(1e-5 here), lowest for the earliest layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fsclip.adapters._finetune import FineTuneAdapter, FineTuneConfig
+from fsclip.adapters.registry import register_adapter
+
+__all__ = ["FullFineTune", "FullFineTuneConfig"]
+
+
+@dataclass(frozen=True)
+class FullFineTuneConfig(FineTuneConfig):
+    lr: float = 1e-5
+    layer_decay: float = 0.8
+
+
+class FullFineTune(FineTuneAdapter):
+    name = "full-ft"
+    config_class = FullFineTuneConfig
+
+    @classmethod
+    def blocks_to_train(cls, config: FullFineTuneConfig, n_blocks: int) -> int:
+        return n_blocks
+
+
+register_adapter(FullFineTune)

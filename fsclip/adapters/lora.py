@@ -1,0 +1,228 @@
+"""LoRA in the attention of both encoders, via PEFT (the CLIP-LoRA recipe, Zanella & Ben Ayed, 2024).
+
+Low-rank updates (rank 2, alpha 1, dropout 0.25) on the query/key/value projections of every
+attention layer of the image and text towers, trained with AdamW (lr 2e-4, cosine) on cross-entropy
+between image features and the class-prompt text embeddings times the model's logit scale, for 500
+iterations per shot at batch 32. Each step encodes the class names with one prompt template drawn at
+random; prediction uses the average over all templates (the zero-shot ensemble).
+
+open_clip towers use a fused `nn.MultiheadAttention`, which PEFT adapts as a whole: one rank-r update
+of the fused q/k/v projection plus one of the output projection, applied by merging weights around the
+forward call (so LoRA dropout has no effect there). transformers CLIP gets q_proj, k_proj and v_proj.
+
+Only the LoRA weights are saved; `merge` writes a standalone model folder with them folded in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import peft
+import torch
+import torch.nn.functional as F
+
+from fsclip.adapters._export import write_model_folder
+from fsclip.adapters._train import (
+    ImageBatches,
+    batched_features,
+    class_targets,
+    preprocess_all,
+    run_training,
+    score,
+    shots_per_class,
+    trainable_copy,
+)
+from fsclip.adapters.base import Adapter, BaseModel
+from fsclip.adapters.config import TrainingConfig, check_field
+from fsclip.adapters.registry import register_adapter
+from fsclip.backends import Backend
+from fsclip.data import LabeledImages
+from fsclip.errors import AdapterError
+from fsclip.prompts_io import fill, load_templates
+from fsclip.zeroshot import build_text_classifier
+
+__all__ = ["LoraAdapter", "LoraAdapterConfig"]
+
+logger = logging.getLogger(__name__)
+_TOWERS = ("both", "image", "text")
+
+
+@dataclass(frozen=True)
+class LoraAdapterConfig(TrainingConfig):
+    """Attributes (besides the training options):
+    rank: LoRA rank r.
+    alpha: LoRA scaling numerator (the update is scaled by alpha / rank).
+    dropout: dropout on the LoRA input (q/k/v projections; no effect on fused attention).
+    towers: which encoders get LoRA: both, image or text.
+    iters_per_shot: default schedule length, in steps per training image of the smallest class.
+    """
+
+    rank: int = 2
+    alpha: float = 1.0
+    dropout: float = 0.25
+    towers: Literal["both", "image", "text"] = "both"
+    iters_per_shot: int = 500
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_field(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "an integer >= 1")
+        check_field(self.alpha > 0, "alpha", self.alpha, "> 0")
+        check_field(0 <= self.dropout < 1, "dropout", self.dropout, "in [0, 1)")
+        check_field(self.towers in _TOWERS, "towers", self.towers, f"one of {', '.join(_TOWERS)}")
+        check_field(isinstance(self.iters_per_shot, int) and self.iters_per_shot >= 1, "iters_per_shot",
+                    self.iters_per_shot, "an integer >= 1")
+
+
+def _target_modules(backend: Backend, towers: str) -> list[str]:
+    """Full names of the attention modules to adapt, in the chosen towers."""
+    suffixes = tuple(backend.attention_target_modules())
+    chosen = {"both": (backend.image_tower, backend.text_tower), "image": (backend.image_tower,),
+              "text": (backend.text_tower,)}[towers]
+    inside = {id(m) for tower in chosen for m in tower.modules()}
+    names = [n for n, m in backend.model.named_modules()
+             if id(m) in inside and n.rsplit(".", 1)[-1] in suffixes]
+    if not names:
+        raise AdapterError(f"no attention modules named {', '.join(suffixes)} in the {towers} tower(s) of "
+                           f"{backend.spec!r}; LoRA cannot be applied")
+    return names
+
+
+def _inject(backend: Backend, config: LoraAdapterConfig, targets: list[str]) -> peft.PeftModel:
+    """Add LoRA layers to `backend.model` in place (it keeps working as before); freeze everything else."""
+    lora = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                           target_modules=targets, bias="none")
+    try:
+        return peft.get_peft_model(backend.model, lora)
+    except ValueError as e:
+        raise AdapterError(f"cannot add LoRA to {backend.spec!r}: {str(e).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def _merging():
+    with warnings.catch_warnings():
+        # PEFT merges a fused attention's out_proj together with it, then warns on reaching out_proj itself
+        warnings.filterwarnings("ignore", "All adapters are already merged", UserWarning)
+        yield
+
+
+class LoraAdapter(Adapter):
+    """CLIP with LoRA in both towers; classifies with its own class-prompt embeddings."""
+
+    name = "lora"
+    config_class = LoraAdapterConfig
+    frozen_backbone = False
+
+    def __init__(self, backend: Backend, classes: Sequence[str], config: LoraAdapterConfig,
+                 peft_model: peft.PeftModel, text: torch.Tensor, targets: list[str], base: BaseModel):
+        super().__init__(backend, classes, config, base)
+        self.peft_model = peft_model
+        self.text = text  # (C, D) class embeddings of the adapted text tower, logit scale folded in
+        self.targets = targets
+        self.train_result: dict[str, Any] = {}
+
+    @classmethod
+    def fit(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: LoraAdapterConfig,
+            progress: bool = False) -> LoraAdapter:
+        base = BaseModel.of(backend)
+        own = trainable_copy(backend)
+        targets = _target_modules(own, config.towers)
+        peft_model = _inject(own, config, targets)
+        n_lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        logger.info("lora: %d attention modules, %d trainable parameters", len(targets), n_lora)
+        scale = backend.logit_scale
+        templates = load_templates(config.templates)
+        device = own.device
+        tokens = [{k: v.to(device) for k, v in own.tokenize([fill(t, c) for c in train.classes]).items()}
+                  for t in templates]
+        text_trains = config.towers in ("both", "text")
+        fixed_text = None if text_trains else build_text_classifier(backend, train.classes, templates).float()
+        rng = np.random.default_rng(config.seed)
+
+        def class_embeddings() -> torch.Tensor:  # (C, D), one random template, with gradients
+            if fixed_text is not None:
+                return fixed_text
+            return own.forward_texts(tokens[int(rng.integers(len(tokens)))])
+
+        def ensemble() -> torch.Tensor:  # (C, D), all templates averaged, as at prediction time
+            if fixed_text is not None:
+                return fixed_text
+            return F.normalize(torch.stack([own.forward_texts(t) for t in tokens]).mean(0), dim=-1)
+
+        def loss_fn(pixels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logits = scale * own.forward_images(pixels) @ class_embeddings().T  # (B, D) @ (D, C) -> (B, C)
+            return F.cross_entropy(logits.float(), y)
+
+        val_pixels, val_y = preprocess_all(own, val, "validation image"), class_targets(val)
+
+        def evaluate() -> tuple[float, float]:
+            return score(scale * batched_features(own, val_pixels) @ ensemble().T, val_y)
+
+        batches = ImageBatches(own, train, config.batch_size, config.crop_scale, config.flip, config.seed)
+        steps = config.total_steps(len(train), config.iters_per_shot * shots_per_class(train))
+        params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+        opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999))
+        result = run_training(params=params, optimizer=opt, batches=batches, loss_fn=loss_fn, evaluate=evaluate,
+                              model=own.model, total_steps=steps, eval_every=config.eval_every,
+                              patience=config.patience, keep_best=config.keep_best, desc="lora", progress=progress)
+        # Rebuild from the LoRA weights on a fresh copy, exactly as `load` will: training merged and unmerged
+        # the update around every forward, which leaves rounding noise in the base weights.
+        lora = {f"lora.{k}": v.detach().clone() for k, v in peft.get_peft_model_state_dict(peft_model).items()}
+        fresh = cls.from_state(backend, train.classes, config, lora, {"target_modules": targets}, base)
+        text = scale * build_text_classifier(fresh.backend, train.classes, templates, use_cache=False).float()
+        fresh.text = text
+        fresh.train_result = {"best_step": result.best_step, "steps_run": result.steps, "total_steps": steps,
+                              "history": result.history}
+        return fresh
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return features.to(self.text) @ self.text.T  # (N, D) @ (D, C) -> (N, C)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        lora = peft.get_peft_model_state_dict(self.peft_model)
+        return {"text": self.text, **{f"lora.{k}": v for k, v in lora.items()}}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"target_modules": self.targets, "training": self.train_result}
+
+    @classmethod
+    def from_state(cls, backend, classes, config, tensors, extra, base) -> LoraAdapter:
+        own = trainable_copy(backend)
+        peft_model = _inject(own, config, list(extra["target_modules"]))
+        lora = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
+        loaded = peft.set_peft_model_state_dict(peft_model, lora)
+        unexpected = getattr(loaded, "unexpected_keys", [])
+        if unexpected:
+            raise AdapterError(f"LoRA weights do not fit {backend.spec!r}: unexpected {unexpected[:3]}")
+        with _merging():
+            peft_model.merge_adapter()  # fold the update into the weights: plain-speed inference
+        own.__dict__.pop("fingerprint", None)
+        text = tensors.get("text")  # absent only while `fit` rebuilds the model
+        adapter = cls(own, classes, config, peft_model, text, list(extra["target_modules"]), base)
+        adapter.train_result = extra.get("training", {})
+        return adapter
+
+    def merge(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the base model with the LoRA update folded in, as a folder that loads as a model spec.
+
+        Zero-shot classification with that model, the same class names and templates gives this
+        adapter's logits (before calibration).
+        """
+        with _merging():
+            merged = copy.deepcopy(self.peft_model).merge_and_unload()
+        note = {"merged_from": self.base.spec, "base_fingerprint": self.base.fingerprint, "adapter": self.name,
+                "classes": list(self.classes), "templates": self.config.to_dict()["templates"]}
+        out = write_model_folder(self.backend, merged, path, note, overwrite=overwrite)
+        logger.info("wrote merged model to %s", out)
+        return out
+
+
+register_adapter(LoraAdapter)

@@ -1,0 +1,48 @@
+"""`fsclip predict`: classify images with a fitted adapter (same output as `fsclip classify`)."""
+
+from __future__ import annotations
+
+import sys
+from itertools import chain
+from pathlib import Path
+
+from fsclip.cli._common import add_prediction_options, write_records
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify images with an adapter from `fsclip fit`",
+                       description="Classify images with a fitted adapter; probabilities are calibrated, so "
+                                   "--threshold abstains ('unknown') where the adapter is unsure.")
+    p.add_argument("paths", nargs="+", help="image files and/or folders (walked recursively)")
+    p.add_argument("--adapter", type=Path, required=True, help="adapter folder written by `fsclip fit`")
+    p.add_argument("--model", default=None,
+                   help="base model spec, if it moved since fitting (default: the one recorded in the adapter)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="weights dtype (default: the one the adapter was fitted with)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    add_prediction_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from fsclip.adapters import load_adapter
+    from fsclip.backends import load_model
+    from fsclip.images import find_images
+    from fsclip.predict import predict_records
+
+    paths, missing = find_images(args.paths)
+    if not paths:
+        what = "; ".join(f"{p}: {why}" for p, why in missing) or "no image files found"
+        print(f"fsclip: error: nothing to classify ({what})", file=sys.stderr)
+        return 2
+    dtype = None if args.dtype == "auto" else args.dtype
+    backend = load_model(args.model, device=args.device, dtype=dtype) if args.model else None
+    adapter = load_adapter(args.adapter, backend=backend, device=args.device, dtype=dtype)
+    records = predict_records(
+        adapter.backend, paths, adapter.proba_from_features, adapter.classes, args.top_k, args.threshold,
+        args.batch_size, progress=not args.quiet,
+    )
+    missing_records = [{"path": str(p), "error": why} for p, why in missing]
+    ok = sum("error" not in rec for rec in write_records(chain(missing_records, records), args.format))
+    return 0 if ok else 1
