@@ -1,0 +1,74 @@
+"""Image features of a whole evaluation split, encoded once per (model, dataset, split) and cached.
+
+The key covers the model's weight fingerprint and input size, and the split's file list with each
+file's size and modification time: another model, an added, removed or edited image all miss.
+Unreadable images are left out of the evaluation (and counted), as a real run over photos must.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from fsclip._cache import cache_dir
+from fsclip._io import atomic_write
+from fsclip.backends import Backend
+from fsclip.encode import encode_images
+
+__all__ = ["SplitFeatures", "split_features"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitFeatures:
+    features: torch.Tensor  # (M, D) normalised float32, CPU; M <= N images that decoded
+    indices: torch.Tensor  # (M,) int64 positions of those images in the split
+    errors: tuple[tuple[str, str], ...]  # (path, reason) of the images left out
+    cached: bool  # True when nothing was encoded
+
+
+def _key(backend: Backend, paths: Sequence[Path]) -> str:
+    h = hashlib.sha256(f"{backend.name}:{backend.fingerprint}:{backend.image_size}".encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:32]
+
+
+def split_features(backend: Backend, paths: Sequence[Path], tag: str, batch_size: int = 32,
+                   progress: bool = False, use_cache: bool = True) -> SplitFeatures:
+    """Features of every image in `paths` (one split); `tag` names the cache file (e.g. `dtd-test`)."""
+    safe_tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag)
+    file = cache_dir("eval-features") / f"{safe_tag}-{_key(backend, paths)}.safetensors"
+    if use_cache and file.exists():
+        try:
+            with safe_open(file, "pt") as f:
+                errors = json.loads((f.metadata() or {}).get("errors", "[]"))
+                feats, indices = f.get_tensor("features"), f.get_tensor("indices")
+            logger.info("%s: features from cache %s", tag, file)
+            return SplitFeatures(feats, indices, tuple(map(tuple, errors)), True)
+        except Exception:  # a torn or foreign file is a miss, never an error
+            logger.warning("%s: unreadable feature cache %s; encoding again", tag, file)
+    feats, ok, errs = encode_images(backend, list(paths), batch_size=batch_size, progress=progress)
+    errors = tuple((str(paths[i]), why) for i, why in errs)
+    for path, why in errors[:5]:
+        logger.warning("%s: left out %s (%s)", tag, path, why)
+    out = SplitFeatures(feats.float().cpu(), torch.tensor(ok, dtype=torch.long), errors, False)
+    if use_cache:
+        with atomic_write(file) as f:
+            f.write(save({"features": out.features.contiguous(), "indices": out.indices},
+                         metadata={"errors": json.dumps(list(errors))}))
+    return out
