@@ -131,9 +131,9 @@ def build_app(index: ImageIndex, *, max_upload_bytes: int = 20 * 2**20, thumb_si
 
     @app.get("/api/search")
     def search(q: Texts = None, like: Texts = None, minus: Texts = None, k: TopK = default_k,
-               negative_weight: Weight = 0.5, glob: str | None = None, prefix: str | None = None, after: str | None = None,
-               before: str | None = None, min_width: int | None = None, max_width: int | None = None,
-               min_height: int | None = None, max_height: int | None = None):
+               negative_weight: Weight = 0.5, glob: str | None = None, prefix: str | None = None,
+               after: str | None = None, before: str | None = None, min_width: int | None = None,
+               max_width: int | None = None, min_height: int | None = None, max_height: int | None = None):
         t0 = time.perf_counter()
         texts, like = [t for t in q or () if t.strip()], like or []
         if not texts and not like:

@@ -1,0 +1,227 @@
+"""Search benchmark: exact (flat) vs approximate (IVF) FAISS search, and peak memory of `fsclip index build`.
+
+    python -m eval.bench_search [--n 1000000] [--dim 512] [--queries 1000] [--rss-sizes 2000 20000]
+
+Prints Markdown tables measured in this one run:
+
+1. Flat vs IVF on synthetic unit vectors shaped like image embeddings: a mixture of n/100 components,
+   each spread along its own 16-dimensional subspace plus isotropic noise (low intrinsic dimension,
+   as CLIP features have). IVF is built exactly as an index would build it (fsclip.search.faiss_index:
+   nlist rule, k-means sample, nprobe tuned on 256 stored vectors to recall@10 >= 0.97); queries are
+   held-out draws from the same mixture. Reported: build time, bytes per vector (serialized index),
+   queries/s one at a time and in one batch, recall@10 against exact search. A smaller uniform-random
+   row shows the worst case (no structure: no ANN method can skip much of the data there).
+2. Peak RSS of `fsclip index build` (a fresh process per run; median of --repeats) on small images,
+   at two collection sizes: streaming keeps it nearly flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from eval._timing import markdown_table
+from fsclip.search import faiss_index as fi
+
+
+def synthetic_embeddings(n: int, dim: int, seed: int, clusters: int, rank: int = 16,
+                         chunk: int = 100_000) -> np.ndarray:
+    """Same mixture as tests/search/searchutil.py, drawn in chunks to bound temporary memory."""
+    fixed = np.random.default_rng(12345)
+    centres = fixed.standard_normal((clusters, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    bases = fixed.standard_normal((64, rank, dim), dtype=np.float32) / np.sqrt(rank * dim)
+    basis_of = fixed.integers(64, size=clusters)
+    spread = fixed.uniform(0.5, 1.5, clusters).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, dim), np.float32)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        comp = rng.integers(clusters, size=m)
+        z = rng.standard_normal((m, rank), dtype=np.float32) * spread[comp, None]
+        x = centres[comp] + 0.2 * rng.standard_normal((m, dim), dtype=np.float32) / np.sqrt(dim)
+        for b in range(len(bases)):
+            rows = np.flatnonzero(basis_of[comp] == b)
+            x[rows] += z[rows] @ bases[b]  # (m, rank) @ (rank, dim) -> (m, dim)
+        out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def uniform_unit(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _bytes(index: faiss.Index) -> int:
+    total = [0]
+
+    def count(b: bytes) -> int:
+        total[0] += len(b)
+        return len(b)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    return total[0]
+
+
+def _qps(index, queries: np.ndarray, k: int, budget_s: float) -> tuple[float, float]:
+    """(single-query QPS over as many queries as fit `budget_s`, one-batch QPS over all queries)."""
+    n_single, t0 = 0, time.perf_counter()
+    for q in queries:
+        fi.search(index, q[None], k)
+        n_single += 1
+        if time.perf_counter() - t0 > budget_s and n_single >= 10:
+            break
+    single = n_single / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    fi.search(index, queries, k)
+    batched = len(queries) / (time.perf_counter() - t0)
+    return single, batched
+
+
+def bench_ann(n: int, dim: int, n_queries: int, uniform: bool, budget_s: float) -> list[list]:
+    make = (lambda m, seed: uniform_unit(m, dim, seed)) if uniform else (
+        lambda m, seed: synthetic_embeddings(m, dim, seed, clusters=max(8, n // 100)))
+    data = make(n, 0)
+    queries = make(n_queries, 1)
+    ids = np.arange(n, dtype=np.int64)
+    label = f"{'uniform random' if uniform else 'embedding-like'} {n:,} x {dim}"
+
+    t0 = time.perf_counter()
+    flat = fi.new_flat(dim)
+    for s in range(0, n, 100_000):
+        flat.add_with_ids(data[s : s + 100_000], ids[s : s + 100_000])
+    flat_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exact_s, _ = fi.search(flat, queries, 10)  # ground truth; doubles as the batched timing
+    flat_batched = n_queries / (time.perf_counter() - t0)
+    flat_single, _ = _qps(flat, queries[:200], 10, budget_s)
+    flat_bytes = _bytes(flat) / n
+    rows = [[label, "flat (exact)", f"{flat_build:.1f}", f"{flat_bytes:.0f}", f"{flat_single:.1f}",
+             f"{flat_batched:.0f}", "1.000", "1x / 1x"]]
+    del flat
+
+    t0 = time.perf_counter()
+    nlist = fi.nlist_for(n)
+    rng = np.random.default_rng(0)
+    sample = data[np.sort(rng.choice(n, min(n, fi.SAMPLE_PER_LIST * nlist), replace=False))]
+    ivf = fi.new_ivf(sample, nlist)
+    for s in range(0, n, 100_000):
+        ivf.add_with_ids(data[s : s + 100_000], ids[s : s + 100_000])
+    tq = np.sort(rng.choice(n, 256, replace=False))
+    nprobe, tuned = fi.tune_nprobe(ivf, [(data[tq], ids[tq])], lambda: [(ids, data)], fi.AnnConfig().tune_target)
+    ivf_build = time.perf_counter() - t0
+    ivf_bytes = _bytes(ivf) / n
+    for probe in sorted({max(1, nprobe // 2), nprobe, min(nlist, nprobe * 2)}):
+        faiss.extract_index_ivf(ivf).nprobe = probe
+        single, batched = _qps(ivf, queries, 10, budget_s)
+        s, i = fi.search(ivf, queries, 10)
+        recall = fi.recall_at_k(s, i, exact_s, 10)
+        tag = "tuned" if probe == nprobe else "for comparison"
+        rows.append([label, f"IVF{nlist} nprobe {probe} ({tag})", f"{ivf_build:.1f}" if probe == nprobe else "",
+                     f"{ivf_bytes:.0f}", f"{single:.1f}", f"{batched:.0f}", f"{recall:.3f}",
+                     f"**{single / flat_single:.0f}x** / {batched / flat_batched:.1f}x"])
+    return rows
+
+
+# -- peak RSS of index builds
+
+def _write_images(root: Path, n: int, per_folder: int = 2000) -> None:
+    from fsclip.shapes.world import BASE_SHAPES, COLOURS, render
+
+    combos = [(c, s) for c in COLOURS for s in BASE_SHAPES]
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / f"part{i // per_folder:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        c, s = combos[rng.integers(len(combos))]
+        render(c, s, rng, size=64).save(folder / f"{i:06d}.png")
+
+
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent through fork + exec,
+# so a child of this (large) benchmark process would report the parent's peak.
+_CHILD = """
+import sys, time
+from fsclip.cli import main
+t0 = time.perf_counter()
+rc = main(sys.argv[1:])
+seconds = time.perf_counter() - t0
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("RESULT", rc, hwm, seconds, file=sys.stderr)
+"""
+
+
+def _build_rss(paths: list[Path], model: str, idx: Path) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of one `fsclip index build` in a fresh process."""
+    argv = [sys.executable, "-c", _CHILD, "index", "build", *map(str, paths), "--index", str(idx),
+            "--model", model, "--device", "cpu", "--overwrite", "-q"]
+    # passive OpenMP waits: on a busy machine, spinning threads starve each other (10-100x slower)
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+    line = next((x for x in proc.stderr.splitlines() if x.startswith("RESULT")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"index build failed: {proc.stderr[-2000:]}")
+    _, rc, hwm_kib, seconds = line.split()
+    return int(hwm_kib) / 1024, float(seconds)
+
+
+def bench_rss(sizes: list[int], repeats: int, model: str) -> list[list]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "photos"
+        per_folder = min(sizes)
+        _write_images(root, max(sizes), per_folder)
+        results = {}
+        for n in sizes:
+            parts = sorted(root.iterdir())[: n // per_folder]
+            runs = [_build_rss(parts, model, Path(tmp) / f"i{n}.idx") for _ in range(repeats)]
+            rss = statistics.median(r[0] for r in runs)
+            secs = statistics.median(r[1] for r in runs)
+            results[n] = rss
+            disk = sum(f.stat().st_size for f in (Path(tmp) / f"i{n}.idx").iterdir())
+            rows.append([f"{n:,}", f"{rss:.0f}", f"{n / secs:.0f}", f"{disk / n:.0f}",
+                         f"{rss / results[min(sizes)]:.2f}x"])
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=1_000_000, help="synthetic vectors (default: 1,000,000)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--uniform-n", type=int, default=100_000, help="size of the uniform worst-case row (0: skip)")
+    p.add_argument("--single-budget", type=float, default=10.0, help="seconds per single-query QPS measurement")
+    p.add_argument("--rss-sizes", type=int, nargs="*", default=[2000, 20000], help="collections for the RSS part")
+    p.add_argument("--repeats", type=int, default=3, help="builds per size for the RSS medians")
+    p.add_argument("--model", default="shapes", help="model for the RSS builds (default: shapes)")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    header = ["vectors", "index", "build s", "bytes/vector", "QPS 1 query", f"QPS batch of {args.queries}",
+              "recall@10", "speed-up vs flat (1 query / batch)"]
+    rows = bench_ann(args.n, args.dim, args.queries, uniform=False, budget_s=args.single_budget)
+    if args.uniform_n:
+        rows += bench_ann(args.uniform_n, args.dim, args.queries, uniform=True, budget_s=args.single_budget / 2)
+    print("## Flat vs IVF (synthetic unit vectors)\n")
+    print(markdown_table(header, rows))
+    print(f"\n(faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, {os.cpu_count()} CPUs; "
+          f"target: IVF recall@10 >= 0.95 at >= 10x the flat QPS)\n")
+    if args.rss_sizes:
+        print(f"## Peak RSS of `fsclip index build` ({args.model} model, 64x64 PNGs, median of {args.repeats})\n")
+        print(markdown_table(["images", "peak RSS MiB", "img/s (whole command)", "index bytes/image",
+                              "peak RSS vs smallest"],
+                             bench_rss(sorted(args.rss_sizes), args.repeats, args.model)))
+    print(f"\n(total {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.1f} at the end)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
