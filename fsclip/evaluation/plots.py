@@ -12,7 +12,14 @@ from typing import Any
 
 from fsclip.evaluation.results import ZERO_SHOT
 
-__all__ = ["metric_value", "plot_accuracy_vs_shots", "plot_confusion", "plot_reliability", "plot_retrieval"]
+__all__ = [
+    "metric_value",
+    "plot_accuracy_vs_shots",
+    "plot_confusion",
+    "plot_image_grid",
+    "plot_reliability",
+    "plot_retrieval",
+]
 
 Record = Mapping[str, Any]
 
@@ -41,13 +48,22 @@ def metric_label(metric: str) -> str:
     return {"top1": "top-1 accuracy", "mean_per_class_recall": "mean per-class recall"}.get(metric, metric)
 
 
+def method_label(record: Record) -> str:
+    """The method, with the options and templates a run set (runs differing in them are other curves)."""
+    run = record["run"]
+    extra = [f"{k}={v}" for k, v in sorted(run.get("options", {}).items())]
+    if run.get("templates"):
+        extra.append(f"templates={run['templates']}")
+    return f"{run['method']} ({', '.join(extra)})" if extra else run["method"]
+
+
 def curves(records: Sequence[Record], metric: str) -> dict[str, dict[int, list[float]]]:
-    """method -> shots -> values over seeds; zero-shot runs appear as method `zero-shot` at 0 shots."""
+    """method label -> shots -> values over seeds; zero-shot runs appear as `zero-shot` at 0 shots."""
     out: dict[str, dict[int, list[float]]] = {}
     for r in records:
         value = metric_value(r, metric)
         if value is not None and r["run"]["task"] in ("fewshot", "zeroshot"):
-            out.setdefault(r["run"]["method"], {}).setdefault(r["run"]["shots"], []).append(value)
+            out.setdefault(method_label(r), {}).setdefault(r["run"]["shots"], []).append(value)
     return out
 
 
@@ -58,14 +74,14 @@ def plot_accuracy_vs_shots(records: Sequence[Record], metrics: Sequence[str] = (
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
         data = curves(records, metric)
-        zero = data.pop(ZERO_SHOT, {}).get(0)
+        zero = {label: data.pop(label)[0] for label in sorted(data) if label.startswith(ZERO_SHOT)}
         for method in sorted(data):
             ks = sorted(data[method])
             means = [100 * statistics.fmean(data[method][k]) for k in ks]
             stds = [100 * statistics.pstdev(data[method][k]) for k in ks]
             ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, label=method)
-        if zero:
-            ax.axhline(100 * statistics.fmean(zero), color="grey", linestyle="--", label=ZERO_SHOT)
+        for n, (label, values) in enumerate(zero.items()):
+            ax.axhline(100 * statistics.fmean(values), color="grey", linestyle=("--", ":", "-.")[n % 3], label=label)
         all_ks = sorted({k for m in data.values() for k in m})
         if all_ks:
             ax.set_xscale("log", base=2)
@@ -157,4 +173,26 @@ def plot_retrieval(records: Sequence[Record]):
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def plot_image_grid(images: Sequence, titles: Sequence[str] = (), cols: int = 8, size: float = 1.6, title: str = ""):
+    """Images (paths or PIL) in a grid with a short title under each, e.g. search results with scores."""
+    from PIL import Image
+
+    rows = max(1, -(-len(images) // cols))
+    fig = _figure(size * cols, (size + 0.35) * rows + (0.3 if title else 0))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for n, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if n < len(images):
+            img = images[n]
+            if not isinstance(img, Image.Image):
+                with Image.open(img) as im:
+                    img = im.convert("RGB")
+            ax.imshow(img)
+            if n < len(titles):
+                ax.set_title(titles[n], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig

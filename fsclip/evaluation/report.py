@@ -15,6 +15,7 @@ from typing import Any
 from fsclip._io import atomic_write
 from fsclip.evaluation.plots import (
     curves,
+    method_label,
     metric_label,
     plot_accuracy_vs_shots,
     plot_confusion,
@@ -85,14 +86,17 @@ def markdown_tables(records: Sequence[Record]) -> str:
         seeds = sorted({r["run"]["seed"] for r in runs})
         for metric in ("top1", "mean_per_class_recall", *[f"group:{g}" for g in _groups(runs)]):
             data = curves(runs + runs_zs, metric)
-            zero = data.pop(ZERO_SHOT, {}).get(0, [])
-            rows = [[ZERO_SHOT, _pct(zero), *["" for _ in shots]]] if zero else []
+            zero = sorted(label for label in data if label.startswith(ZERO_SHOT))
+            rows = [[label, _pct(data.pop(label)[0]), *["" for _ in shots]] for label in zero]
             rows += [[m, "", *[_pct(data[m].get(k, [])) for k in shots]] for m in sorted(data)]
             title = (f"### Few-shot, {dataset}, {model}: {metric_label(metric)} (%), "
                      f"mean ± std over seeds {', '.join(map(str, seeds))}")
-            parts.append(title + "\n\n" + _table(["method", "0 shots", *[f"{k} shots" for k in shots]], rows))
-        fit = {m: statistics.fmean(r["timing"]["fit_seconds"] for r in rs) for (m,), rs in _by(runs, "method").items()}
-        parts.append("Mean fit time per run (s): " + ", ".join(f"{m} {t:.1f}" for m, t in sorted(fit.items())))
+            parts.append(title + "\n\n" + _table(["method", "K=0", *[f"K={k}" for k in shots]], rows))
+        times: dict[str, list[float]] = {}
+        for r in runs:
+            times.setdefault(method_label(r), []).append(r["timing"]["fit_seconds"])
+        parts.append("Mean fit time per run (s): " + ", ".join(f"{m} {statistics.fmean(t):.1f}"
+                                                               for m, t in sorted(times.items())))
     rt = [r for r in records if r["run"]["task"] == "retrieval"]
     if rt:
         ks = [k.split("@")[1] for k in rt[0]["metrics"] if k.startswith("image_to_text_R@")]
@@ -145,12 +149,13 @@ def _plots(records: Sequence[Record], out: Path) -> list[tuple[str, Path]]:
             fig = plot_accuracy_vs_shots(runs, metrics, title=f"{dataset} — {model}")
             written.append((f"{dataset}, {model}: accuracy vs shots", _save(fig, out / f"shots__{name}.png")))
         # calibration and confusion: zero-shot, and each method at its largest K
-        panels: dict[str, list[Record]] = {}
-        if zs:
-            panels[ZERO_SHOT] = zs
-        for (method,), rs in _by(fs, "method").items():
+        by_label: dict[str, list[Record]] = {}
+        for r in zs + fs:
+            by_label.setdefault(method_label(r), []).append(r)
+        panels = {}
+        for label, rs in by_label.items():
             kmax = max(r["run"]["shots"] for r in rs)
-            panels[f"{method}, K={kmax}"] = [r for r in rs if r["run"]["shots"] == kmax]
+            panels[f"{label}, K={kmax}" if kmax else label] = [r for r in rs if r["run"]["shots"] == kmax]
         if panels:
             written.append((f"{dataset}, {model}: reliability (calibration bins pooled over seeds)",
                             _save(plot_reliability(panels), out / f"reliability__{name}.png")))
