@@ -57,7 +57,7 @@ def run(args) -> int:
         print(f"{rec['path']:<34} {truth:<16} {rec['label']:<16} {rec['predictions'][0]['score']:>6.2f}  {kind}{mark}")
     print()
     for kind, (ok, n) in right.items():
-        what = "seen in training" if kind == "seen" else "never captioned in training (compositional zero-shot)"
+        what = "pairs seen in training" if kind == "seen" else "colour and shape never named together in training"
         print(f"accuracy on {kind:<6} combinations: {ok}/{n} = {ok / max(n, 1):.2f}   ({what})")
     print(f"chance level: {1 / len(labels):.2f}\n")
     print("Same on your own photos, with a real model (downloaded once, then cached):")

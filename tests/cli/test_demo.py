@@ -10,7 +10,7 @@ def test_demo_runs_offline_and_reports_accuracy(tmp_path, capsys):
     unseen = re.search(r"accuracy on unseen combinations: (\d+)/(\d+)", out)
     assert seen and unseen
     assert int(seen.group(1)) >= int(seen.group(2)) - 1  # measured: all seen images right
-    assert int(unseen.group(1)) >= int(unseen.group(2)) // 2  # far above 1/48 chance
+    assert int(unseen.group(1)) >= int(unseen.group(2)) - 2  # measured 8/8; chance is 1/48
     assert "fsclip classify" in out
     assert len(list((tmp_path / "demo").rglob("*.png"))) == 16
 
