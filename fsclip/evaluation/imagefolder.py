@@ -52,17 +52,17 @@ def load_split_folders(root: Path, name: str = "imagefolder", templates: str = "
         logger.warning("%s: no train/ or test/ folder in %s; splitting the class folders 50/20/30 with seed 0",
                        name, root)
         train, val, test = split_folders(root)
-        return ClassificationData(name, test, train, val, templates, groups, source=f"{root} (50/20/30 split, seed 0)")
-    if found["test"] is None:
+        source = f"{root} (50/20/30 split, seed 0)"
+    elif found["test"] is None:
         raise DataError(f"dataset {name!r}: {root} has train/ but no test/ folder")
-    test = load_image_folder(found["test"])
-    parts = {s: load_image_folder(found[s], list(test.classes)) if found[s] else None for s in ("train", "val")}
-    used = ", ".join(p.name for p in found.values() if p is not None)
+    else:
+        test = load_image_folder(found["test"])
+        train, val = (load_image_folder(found[s], list(test.classes)) if found[s] else None for s in ("train", "val"))
+        source = f"{root} ({', '.join(p.name for p in found.values() if p is not None)})"
     try:
-        return ClassificationData(name, test, parts["train"], parts["val"], templates, groups, source=f"{root} ({used})")
+        return ClassificationData(name, test, train, val, templates, groups, source=source)
     except ValueError as e:  # a group naming unknown classes
         raise DataError(f"{root / METADATA}: {e}") from None
-
 
 register_dataset(DatasetSpec(
     "imagefolder", "classification", load_split_folders,
