@@ -3,7 +3,7 @@
     python -m eval.shapes_results [--threads 1] [--lora-iters 200] [--lora-lr 5e-3]
 
 Runs, through the `fsclip eval` command line (exactly what a user would type):
-- zero-shot on shapes-compositional (48 colour x shape names; 8 combinations never captioned) and on
+- zero-shot on shapes-compositional (48 colour x shape names; 8 combinations never named together in pretraining) and on
   shapes-novel (9 shapes; diamond, crescent and ring never seen in pretraining);
 - the CoOp few-shot protocol on shapes-novel: K = 1, 2, 4, 8, 16 shots x seeds 1, 2, 3 for the
   frozen-feature methods (linear probe, Tip-Adapter, Tip-Adapter-F) and for LoRA on a compressed

@@ -181,22 +181,33 @@ def run_one(spec: RunSpec, backend: Backend, data: ClassificationData | CaptionD
 def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, skip_existing: bool = False,
             load_backend: Callable[[str], Backend] | None = None, batch_size: int = 32,
             progress: bool = False) -> list[RunOutcome]:
-    """Run `specs` in order, loading each model and dataset once, and only if some run needs it."""
+    """Run `specs` in order, loading each model and dataset once, and only if some run needs it.
+
+    With `skip_existing`, a run whose result file exists is kept when it was made with the same model
+    weights (fingerprint); a result from other weights under the same spec is run again.
+    """
     if load_backend is None:
         from fsclip.backends import load_model as load_backend
     backends: dict[str, Backend] = {}
     datasets: dict[str, ClassificationData | CaptionData] = {}
+
+    def backend(spec: RunSpec) -> Backend:
+        if spec.model not in backends:
+            backends[spec.model] = load_backend(spec.model)
+        return backends[spec.model]
+
     outcomes = []
     for spec in tqdm(specs, desc="runs", unit="run", disable=None if progress and len(specs) > 1 else True):
         existing = find_result(out_dir, spec) if skip_existing else None
-        if existing is not None:
+        if existing is not None and existing["model"]["fingerprint"] == backend(spec).fingerprint:
             logger.info("%s: already done, skipped", spec.run_id)
             outcomes.append(RunOutcome(spec, Path(out_dir) / f"{spec.run_id}.json", existing, True))
             continue
+        if existing is not None:
+            logger.warning("%s: result was made with other weights of %s (fingerprint %s, now %s); running again",
+                           spec.run_id, spec.model, existing["model"]["fingerprint"], backend(spec).fingerprint)
         if spec.dataset not in datasets:
             datasets[spec.dataset] = load_dataset(spec.dataset, root, CLASSIFICATION_TASKS[spec.task])
-        if spec.model not in backends:
-            backends[spec.model] = load_backend(spec.model)
-        outcomes.append(run_one(spec, backends[spec.model], datasets[spec.dataset], out_dir, batch_size, progress))
+        outcomes.append(run_one(spec, backend(spec), datasets[spec.dataset], out_dir, batch_size, progress))
         logger.info("%s: done", spec.run_id)
     return outcomes

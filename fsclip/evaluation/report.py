@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fsclip._io import atomic_write
+from fsclip.errors import UsageError
 from fsclip.evaluation.plots import (
     curves,
     method_label,
@@ -66,9 +67,18 @@ def _groups(records: Sequence[Record]) -> list[str]:
     return sorted({g for r in records for g in r["metrics"].get("group_recall", {})})
 
 
+def _mixed_weights(records: Sequence[Record]) -> list[str]:
+    """Warnings for model specs whose results come from different weights (e.g. a retrained checkpoint)."""
+    prints: dict[str, set[str]] = {}
+    for r in records:
+        prints.setdefault(r["model"]["spec"], set()).add(r["model"]["fingerprint"])
+    return [f"**Warning:** results for model `{spec}` come from {len(fp)} different weights (fingerprints "
+            f"{', '.join(sorted(fp))}); rerun them with one." for spec, fp in sorted(prints.items()) if len(fp) > 1]
+
+
 def markdown_tables(records: Sequence[Record]) -> str:
     records = _dedupe(records)
-    parts = []
+    parts = _mixed_weights(records)
     zs = [r for r in records if r["run"]["task"] == "zeroshot"]
     if zs:
         groups = _groups(zs)
@@ -180,6 +190,11 @@ def build_report(records: Sequence[Record], out_dir: str | Path | None = None, p
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = []
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("plots need matplotlib: pip install 'fsclip[eval]', or pass --no-plots") from None
     figures = _plots(records, out) if plots else []
     md = "# fsclip evaluation report\n\n" + tables
     if figures:

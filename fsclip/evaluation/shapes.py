@@ -1,7 +1,7 @@
 """Shapes-world evaluation sets, generated (deterministically, offline) under the data root on first use.
 
-- `shapes-compositional`: zero-shot over all 48 colour x shape names; the 8 combinations never captioned
-  in pretraining form the group "held-out combinations".
+- `shapes-compositional`: zero-shot over all 48 colour x shape names; the 8 combinations whose colour and
+  shape were never named together in a pretraining caption form the group "held-out combinations".
 - `shapes-novel`: the 9 shapes (any colour), train/val/test; diamond, crescent and ring were never seen
   in pretraining (group "novel shapes"), so zero-shot fails there and few-shot has to learn them.
 - `shapes-captions`: one image per colour x shape with 5 captions each, for retrieval.
@@ -70,7 +70,7 @@ def write_captions(folder: Path, captions: int = 5, seed: int = 13) -> None:
 register_dataset(DatasetSpec(
     "shapes-compositional", "classification", partial(load_split_folders, name="shapes-compositional"),
     folder="shapes-compositional", templates="shapes", generate=write_compositional,
-    description="synthetic: 48 colour x shape classes, zero-shot on 8 combinations never captioned in pretraining",
+    description="synthetic: 48 colour x shape classes, zero-shot on 8 combinations never named together in pretraining",
 ))
 register_dataset(DatasetSpec(
     "shapes-novel", "classification", partial(load_split_folders, name="shapes-novel"),
