@@ -95,9 +95,9 @@ def run_tasks(args) -> int:
     from fsclip.backends import load_model
     from fsclip.evaluation import plan_runs, run_all
     from fsclip.evaluation.datasets import get_dataset
-    from fsclip.evaluation.protocol import CLASSIFICATION_TASKS
+    from fsclip.evaluation.protocol import DATASET_TASK
 
-    get_dataset(args.dataset, CLASSIFICATION_TASKS[args.task])  # a wrong name fails before any model loads
+    get_dataset(args.dataset, DATASET_TASK[args.task])  # a wrong name fails before any model loads
     methods = getattr(args, "method", None) or ["tip-adapter"]
     if args.task == "fewshot":
         from fsclip.adapters import get_adapter

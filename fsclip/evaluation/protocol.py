@@ -30,11 +30,12 @@ from fsclip.evaluation.features import split_features
 from fsclip.evaluation.metrics import classification_metrics, retrieval_metrics
 from fsclip.evaluation.results import RETRIEVAL, SCHEMA, ZERO_SHOT, RunSpec, find_result, write_result
 
-__all__ = ["RunOutcome", "few_shot_split", "plan_runs", "run_one", "run_all"]
+__all__ = ["DATASET_TASK", "RunOutcome", "few_shot_split", "plan_runs", "run_all", "run_one"]
 
 logger = logging.getLogger(__name__)
 
-CLASSIFICATION_TASKS = {"zeroshot": "classification", "fewshot": "classification", "retrieval": "retrieval"}
+# the kind of dataset each task reads
+DATASET_TASK = {"zeroshot": "classification", "fewshot": "classification", "retrieval": "retrieval"}
 
 
 def _sample_up_to(data: LabeledImages, per_class: int, seed: int) -> LabeledImages:
@@ -207,7 +208,7 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
             logger.warning("%s: result was made with other weights of %s (fingerprint %s, now %s); running again",
                            spec.run_id, spec.model, existing["model"]["fingerprint"], backend(spec).fingerprint)
         if spec.dataset not in datasets:
-            datasets[spec.dataset] = load_dataset(spec.dataset, root, CLASSIFICATION_TASKS[spec.task])
+            datasets[spec.dataset] = load_dataset(spec.dataset, root, DATASET_TASK[spec.task])
         outcomes.append(run_one(spec, backend(spec), datasets[spec.dataset], out_dir, batch_size, progress))
         logger.info("%s: done", spec.run_id)
     return outcomes
