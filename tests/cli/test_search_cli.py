@@ -17,6 +17,17 @@ from fsclip.cli import main
 from fsclip.shapes.world import BASE_SHAPES, COLOURS, write_folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny test model: threads only add OpenMP barrier waits (costly on a shared CPU). Restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def photos(tmp_path):
     combos = [(c, s) for c in COLOURS for s in BASE_SHAPES]
@@ -124,7 +135,7 @@ def test_serve_binds_localhost_by_default(tmp_path, photos, tiny_openclip_dir, c
     idx = tmp_path / "my.idx"
     _build(capsys, photos / "one", idx, tiny_openclip_dir)
     port = _free_port()
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fsclip", "serve", str(idx), "--port", str(port),
                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:

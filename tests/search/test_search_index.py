@@ -198,7 +198,8 @@ def test_reader_sees_old_or_new_state_during_update(tmp_path, tiny_backend):
     assert seen, "the reader thread did not run"
     for paths in seen:
         assert paths in (old, new), "reader saw a mix of two generations"
-    assert len(reader) == 70  # and it picks up the new generation by itself
+    reader.search_vectors(np.ones((1, reader.dim), np.float32), k=1)
+    assert len(reader) == 70  # its next search picked up the new generation by itself
 
 
 def test_ivf_index_end_to_end(tmp_path, tiny_backend):

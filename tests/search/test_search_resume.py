@@ -56,7 +56,7 @@ CHILD = textwrap.dedent("""
 def _kill_at(tmp_path, argv: list[str], where: str) -> None:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = {**os.environ, "FSCLIP_TEST_KILL_AT": where, "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {**os.environ, "FSCLIP_TEST_KILL_AT": where, "OMP_NUM_THREADS": "1"}  # tiny model: 1 thread is fastest
     proc = subprocess.Popen([sys.executable, str(script), *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -94,9 +94,17 @@ def _assert_same(resumed: ImageIndex, reference: ImageIndex) -> None:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume-photos")
-    render_photos(root / "a", 150, seed=11)
-    render_photos(root / "b", 150, seed=12, start=150)
+    render_photos(root / "a", 100, seed=11)
+    render_photos(root / "b", 100, seed=12, start=100)
     return root
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, photos, tiny_backend):
+    """The same collection built in one uninterrupted go."""
+    index = ImageIndex.create(tmp_path_factory.mktemp("reference") / "ref.idx", tiny_backend)
+    index.add([photos], batch_size=8)
+    return index
 
 
 def _argv(photos, idx, tiny_openclip_dir) -> list[str]:
@@ -105,40 +113,37 @@ def _argv(photos, idx, tiny_openclip_dir) -> list[str]:
 
 
 def test_build_killed_mid_batch_resumes_without_duplicates_or_loss(tmp_path, photos, tiny_openclip_dir,
-                                                                    tiny_backend, capsys):
-    reference = ImageIndex.create(tmp_path / "ref.idx", tiny_backend)
-    reference.add([photos], batch_size=8)
+                                                                    reference, capsys):
     idx = tmp_path / "killed.idx"
     argv = _argv(photos, idx, tiny_openclip_dir)
-    _kill_at(tmp_path, argv, "put:100")  # 12 batches committed, the 13th half written
+    _kill_at(tmp_path, argv, "put:60")  # 7 batches of 8 committed, the 8th half written
 
     # a reader opening the index now sees the last published state: empty, yet no error
     reader = ImageIndex.open(idx)
     assert len(reader) == 0 and reader.search_vectors(np.ones((1, reader.dim), np.float32), k=5) == [[]]
-    assert reader.info()["pending"] == 96  # 12 committed batches; the open one rolled back
+    assert reader.info()["pending"] == 56  # 7 committed batches; the open one rolled back
 
     assert main(argv) == 0  # the same command again
     report = json.loads(capsys.readouterr().out)
-    assert (report["resumed"], report["embedded"], report["total"]) == (96, 204, 300)
+    assert (report["resumed"], report["embedded"], report["total"]) == (56, 144, 200)
     _assert_same(ImageIndex.open(idx), reference)
-    assert reader.info()["images"] == 300  # the old reader moves to the new generation by itself
+    assert reader.info()["images"] == 200  # the old reader moves to the new generation by itself
 
 
-def test_update_killed_before_publish_resumes(tmp_path, photos, tiny_openclip_dir, tiny_backend, capsys):
+def test_update_killed_before_publish_resumes(tmp_path, photos, tiny_openclip_dir, tiny_backend, reference,
+                                              capsys):
     idx = tmp_path / "update.idx"
     index = ImageIndex.create(idx, tiny_backend)
     index.add([photos / "a"], batch_size=8)
     argv = _argv(photos, idx, tiny_openclip_dir)
-    _kill_at(tmp_path, argv, "publish")  # all 300 embedded and a new FAISS file written; not published
+    _kill_at(tmp_path, argv, "publish")  # all 200 embedded and a new FAISS file written; not published
 
     reader = ImageIndex.open(idx)
-    assert len(reader) == 150 and {h.path for h in reader.search(text="a circle", k=300)} == {
+    assert len(reader) == 100 and {h.path for h in reader.search(text="a circle", k=300)} == {
         str(p) for p in (photos / "a").iterdir()}
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["embedded"], report["resumed"], report["unchanged"], report["total"]) == (0, 150, 150, 300)
-    reference = ImageIndex.create(tmp_path / "ref.idx", tiny_backend)
-    reference.add([photos], batch_size=8)
+    assert (report["embedded"], report["resumed"], report["unchanged"], report["total"]) == (0, 100, 100, 200)
     resumed = ImageIndex.open(idx)
     _assert_same(resumed, reference)
     # the stale file of the killed run was replaced; only the published generation's file is left
