@@ -1,8 +1,9 @@
 """Text -> image retrieval with the trained shapes-world CLIP: the search finds the right colour and shape.
 
-Thresholds were set from measurements (seeds 0, 1, 2 of this collection) with a margin below the worst:
-    "a red circle" recall@10 0.9-1.0, colour+shape captions mean precision@10 0.94-0.96,
-    colour-only 1.0, shape-only 0.95-0.98, image -> image same colour and shape 0.77-0.80.
+Thresholds were set from measurements with the stage-2 checkpoint (collections drawn with seeds 0, 1, 2),
+about 0.1 below the worst: "a red circle" recall@10 1.0, 1.0, 1.0; colour+shape captions, mean
+precision@10 0.98-1.00 for combinations seen in training and 0.96-0.975 for held-out ones; colour-only
+1.0; shape-only 0.98-1.0; image -> image, same colour and shape in the top 10: 0.83-0.86.
 Chance is 10/480 = 0.02 for a colour+shape, 1/8 for a colour, 1/6 for a shape.
 """
 
@@ -20,7 +21,8 @@ from fsclip.shapes.world import BASE_SHAPES, COLOURS, heldout_combos, render
 
 pytestmark = needs_shapes
 PER_COMBO = 10
-SEEN = [(c, s) for c in COLOURS for s in BASE_SHAPES if (c, s) not in set(heldout_combos())]
+HELD_OUT = heldout_combos()
+SEEN = [(c, s) for c in COLOURS for s in BASE_SHAPES if (c, s) not in set(HELD_OUT)]
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +51,22 @@ def _precision(index, query, ok, k=10) -> float:
 def test_a_red_circle(shapes_index):
     index, _ = shapes_index
     recall = _precision(index, "a red circle", lambda c, s: (c, s) == ("red", "circle"))  # 10 relevant: P@10 = R@10
-    assert recall >= 0.8
+    assert recall >= 0.9
 
 
-def test_colour_and_shape_captions(shapes_index):
+@pytest.mark.parametrize("combos, threshold", [(SEEN, 0.9), (HELD_OUT, 0.85)], ids=["seen", "held-out"])
+def test_colour_and_shape_captions(shapes_index, combos, threshold):
     index, _ = shapes_index
     scores = [_precision(index, f"a photo of a {c} {s}.", lambda c2, s2, c=c, s=s: (c2, s2) == (c, s))
-              for c, s in SEEN]
-    assert np.mean(scores) >= 0.85, f"mean recall@10 {np.mean(scores):.3f}"
+              for c, s in combos]
+    assert np.mean(scores) >= threshold, f"mean recall@10 {np.mean(scores):.3f}"
 
 
 def test_colour_only_and_shape_only(shapes_index):
     index, _ = shapes_index
     colours = [_precision(index, f"a photo of something {c}.", lambda c2, _s, c=c: c2 == c) for c in COLOURS]
     shapes = [_precision(index, f"a photo of a {s}.", lambda _c, s2, s=s: s2 == s) for s in BASE_SHAPES]
-    assert np.mean(colours) >= 0.9 and np.mean(shapes) >= 0.85, (np.mean(colours), np.mean(shapes))
+    assert np.mean(colours) >= 0.9 and np.mean(shapes) >= 0.9, (np.mean(colours), np.mean(shapes))
 
 
 def test_image_to_image_finds_same_colour_and_shape(shapes_index):
@@ -73,7 +76,7 @@ def test_image_to_image_finds_same_colour_and_shape(shapes_index):
         hits = index.search(image=photos / f"{c}_{s}_0.png", k=11)
         assert hits[0].path == str(photos / f"{c}_{s}_0.png")
         scores.append(np.mean([_labels(h) == (c, s) for h in hits[1:]]))
-    assert np.mean(scores) >= 0.6, f"mean precision@10 {np.mean(scores):.3f}"
+    assert np.mean(scores) >= 0.73, f"mean precision@10 {np.mean(scores):.3f}"
 
 
 def test_ivf_keeps_recall_for_text_queries(shapes_index, shapes_backend, tmp_path):
