@@ -37,17 +37,19 @@ from fsclip.errors import AdapterError
 from fsclip.prompts_io import load_templates
 from fsclip.zeroshot import build_text_classifier
 
-__all__ = ["FineTuneAdapter", "FineTuneConfig"]
+__all__ = ["FineTuneAdapter", "FineTuneConfig", "param_groups"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class FineTuneConfig(TrainingConfig):
-    """Attributes (besides the training options):
-    head_lr: learning rate of the classification head (the newest layer, so the highest).
-    layer_decay: learning-rate factor per block going down from the top (discriminative rates).
-    gradual_unfreeze: start with the backbone frozen and unfreeze one more block per epoch, top down.
+    """Options of fine-tuning (besides the training options).
+
+    Attributes:
+        head_lr: learning rate of the classification head (the newest layer, so the highest).
+        layer_decay: learning-rate factor per block going down from the top (discriminative rates).
+        gradual_unfreeze: start with the backbone frozen and unfreeze one more block per epoch, top down.
     """
 
     lr: float = 1e-4
@@ -65,12 +67,23 @@ class FineTuneConfig(TrainingConfig):
                     "true or false")
 
 
-def _groups(params: dict[str, nn.Parameter], lr: float, weight_decay: float) -> list[dict]:
-    """AdamW groups at `lr`: weight decay on matrices only (not on norms, biases, embeddings' scale)."""
-    decay = [p for n, p in params.items() if p.ndim >= 2]
-    other = [p for n, p in params.items() if p.ndim < 2]
-    return [g for g in ({"params": decay, "lr": lr, "weight_decay": weight_decay},
-                        {"params": other, "lr": lr, "weight_decay": 0.0}) if g["params"]]
+def param_groups(head: nn.Module, units: list[tuple[str, dict[str, nn.Parameter]]],
+                 config: FineTuneConfig) -> list[dict]:
+    """AdamW groups with discriminative learning rates.
+
+    `units` run from the top of the image tower down (projection head, last block, ..., stem); the
+    classifier gets `head_lr`, the first unit `lr`, each further unit `layer_decay` times the one above.
+    Weight decay applies to matrices only (not to norms, biases and embeddings' scales).
+    """
+    named = [("classifier", dict(head.named_parameters()), config.head_lr)]
+    named += [(name, params, config.lr * config.layer_decay ** depth) for depth, (name, params) in enumerate(units)]
+    groups = []
+    for name, params, lr in named:
+        for decay, members in ((config.weight_decay, [p for p in params.values() if p.ndim >= 2]),
+                               (0.0, [p for p in params.values() if p.ndim < 2])):
+            if members:
+                groups.append({"params": members, "lr": lr, "weight_decay": decay, "name": name})
+    return groups
 
 
 class FineTuneAdapter(Adapter):
@@ -110,14 +123,15 @@ class FineTuneAdapter(Adapter):
             head.bias.zero_()
 
         # units from the top down: projection head, last block, ..., first trained block, (stem)
-        units = [parts.head, *reversed(parts.blocks[n_blocks - k:]), *([parts.stem] if stem else [])]
-        for p in own.model.parameters():
-            p.requires_grad_(False)
-        groups = [*_groups(dict(head.named_parameters()), config.head_lr, config.weight_decay)]
-        for depth, unit in enumerate(units):
-            groups += _groups(unit, config.lr * config.layer_decay ** depth, config.weight_decay)
+        named_units = [("projection", parts.head),
+                       *((f"block {i}", parts.blocks[i]) for i in reversed(range(n_blocks - k, n_blocks))),
+                       *([("stem", parts.stem)] if stem else [])]
+        units = [params for _, params in named_units]
+        own.model.requires_grad_(False)
+        for unit in units:
             for p in unit.values():
                 p.requires_grad_(True)
+        groups = param_groups(head, named_units, config)
         trainable = {f"head.{n}": p for n, p in head.named_parameters()}
         trainable.update({f"model.{n}": p for unit in units for n, p in unit.items()})
         logger.info("%s: training %d of %d blocks%s and the head; %d parameters", cls.name, k, n_blocks,
@@ -151,7 +165,8 @@ class FineTuneAdapter(Adapter):
         head.requires_grad_(False)
         adapter = cls(own, train.classes, config, head, sorted(n for unit in units for n in unit), base)
         adapter.train_result = {"best_step": result.best_step, "steps_run": result.steps, "total_steps": steps,
-                                "blocks_trained": k, "blocks": n_blocks, "history": result.history}
+                                "blocks_trained": k, "blocks": n_blocks,
+                                "learning_rates": {g["name"]: g["initial_lr"] for g in groups}, "history": result.history}
         return adapter
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:

@@ -32,11 +32,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LinearProbeConfig(AdapterConfig):
-    """Attributes:
-    zero_shot_prior: start from and regularise towards the zero-shot classifier (else towards 0).
-    c_grid: inverse L2 strengths tried on validation (sklearn's C: loss = C * sum(CE) + |W - prior|^2 / 2);
-        the best one is then refined by half-decade steps, as in the CLIP paper's search.
-    max_iter: L-BFGS iterations per fit (each fit warm-starts from the previous, weaker C).
+    """Options of the linear probe.
+
+    Attributes:
+        zero_shot_prior: start from and regularise towards the zero-shot classifier (else towards 0).
+        c_grid: inverse L2 strengths tried on validation (sklearn's C: loss = C * sum(CE) + |W - prior|^2 / 2);
+            the best one is then refined by half-decade steps, as in the CLIP paper's search.
+        max_iter: L-BFGS iterations per fit (each fit warm-starts from the previous, stronger C).
     """
 
     zero_shot_prior: bool = True
@@ -57,22 +59,30 @@ def fit_logistic(
     features: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor, scale: float, c: float,
     init: tuple[torch.Tensor, torch.Tensor], max_iter: int = 50,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise C * sum CE(scale * X W^T + b, y) + |W - prior|^2 / 2 by L-BFGS; returns (W, b)."""
+    """Minimise C * sum CE(scale * X W^T + b, y) + |W - prior|^2 / 2 by L-BFGS; returns (W, b).
+
+    Solved on centred features (the mean's contribution, scale * mean W^T, moves into the bias, so W
+    and the penalty are unchanged): CLIP features share a large common direction, and removing it
+    makes the problem far better conditioned, i.e. a few times fewer L-BFGS iterations.
+    """
+    mean = features.mean(0)
+    centred = features - mean
     w = init[0].clone().requires_grad_(True)
-    b = init[1].clone().requires_grad_(True)
-    reg = 1.0 / (2.0 * c * len(features))  # the objective divided by C * N: a mean loss, better conditioned
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=1e-6,
-                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    b = (init[1] + scale * mean @ init[0].T).requires_grad_(True)  # bias of the centred problem
+    reg = 1.0 / (2.0 * c * len(features))  # the objective divided by C * N: a mean loss
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=10, tolerance_grad=1e-5,
+                            tolerance_change=1e-7, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        logits = scale * features @ w.T + b  # (N, D) @ (D, C) -> (N, C)
+        logits = scale * centred @ w.T + b  # (N, D) @ (D, C) -> (N, C)
         loss = F.cross_entropy(logits, targets) + reg * (w - prior).pow(2).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return w.detach(), b.detach()
+    w = w.detach()
+    return w, b.detach() - scale * mean @ w.T
 
 
 def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:

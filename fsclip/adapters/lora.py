@@ -58,12 +58,14 @@ _TOWERS = ("both", "image", "text")
 
 @dataclass(frozen=True)
 class LoraAdapterConfig(TrainingConfig):
-    """Attributes (besides the training options):
-    rank: LoRA rank r.
-    alpha: LoRA scaling numerator (the update is scaled by alpha / rank).
-    dropout: dropout on the LoRA input (q/k/v projections; no effect on fused attention).
-    towers: which encoders get LoRA: both, image or text.
-    iters_per_shot: default schedule length, in steps per training image of the smallest class.
+    """Options of LoRA (besides the training options); defaults are the CLIP-LoRA recipe.
+
+    Attributes:
+        rank: LoRA rank r.
+        alpha: LoRA scaling numerator (the update is scaled by alpha / rank).
+        dropout: dropout on the LoRA input (q/k/v projections; no effect on fused attention).
+        towers: which encoders get LoRA: both, image or text.
+        iters_per_shot: default schedule length, in steps per training image of the smallest class.
     """
 
     rank: int = 2

@@ -18,8 +18,10 @@ __all__ = ["PartialFineTune", "PartialFineTuneConfig"]
 
 @dataclass(frozen=True)
 class PartialFineTuneConfig(FineTuneConfig):
-    """Attributes (besides the fine-tuning options):
-    blocks: how many of the last transformer blocks of the image tower to unfreeze.
+    """Options of partial fine-tuning (besides the fine-tuning options).
+
+    Attributes:
+        blocks: how many of the last transformer blocks of the image tower to unfreeze.
     """
 
     blocks: int = 2

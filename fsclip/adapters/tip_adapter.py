@@ -17,27 +17,38 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fsclip.adapters._features import FeatureData
+from fsclip.adapters._features import FeatureData, encode_views
 from fsclip.adapters._frozen import FeatureAdapter
 from fsclip.adapters.base import BaseModel
 from fsclip.adapters.config import AdapterConfig, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend
+from fsclip.data import LabeledImages
 
-__all__ = ["TipAdapter", "TipAdapterConfig", "cache_logits", "search_alpha_beta"]
+__all__ = ["TipAdapter", "TipAdapterConfig", "cache_keys", "cache_logits", "search_alpha_beta"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TipAdapterConfig(AdapterConfig):
-    """Attributes:
-    alpha_grid: cache weights tried on validation (in logits; the paper's values for a logit scale of 100).
-    beta_grid: affinity sharpness values tried on validation.
+    """Options of Tip-Adapter.
+
+    Attributes:
+        alpha_grid: cache weights tried on validation (in logits; the paper's values for a logit scale of 100).
+        beta_grid: affinity sharpness values tried on validation.
+        views: augmented views (random resized crop, flip) per training image whose features, averaged
+            with the clean one, make the cache keys, as the paper builds its cache; 0: clean features only.
+            Views are encoded once and cached.
+        crop_scale: smallest area fraction of the random resized crop.
+        flip: random horizontal flips in the views.
     """
 
-    alpha_grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0)
-    beta_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.5, 7.0, 9.0, 12.0, 16.0)
+    alpha_grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0)
+    beta_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.5, 7.0, 9.0, 12.0, 16.0, 20.0, 25.0)
+    views: int = 0
+    crop_scale: float = 0.5
+    flip: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -47,6 +58,16 @@ class TipAdapterConfig(AdapterConfig):
                 object.__setattr__(self, name, tuple(value))
                 value = tuple(value)
             check_field(len(value) > 0 and all(v >= 0 for v in value), name, value, "a non-empty list of values >= 0")
+        check_field(isinstance(self.views, int) and self.views >= 0, "views", self.views, "an integer >= 0")
+        check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
+        check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
+
+
+def cache_keys(features: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+    """(N, D) keys: each training image's clean feature averaged with its (V, N, D) views, renormalised."""
+    if views is None or not len(views):
+        return features.clone()
+    return torch.nn.functional.normalize(torch.cat([features[None], views]).mean(0), dim=-1)
 
 
 def cache_logits(features: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, beta: float,
@@ -95,13 +116,23 @@ class TipAdapter(FeatureAdapter):
         self.beta = beta
 
     @classmethod
-    def fit_features(cls, backend: Backend, classes: Sequence[str], data: FeatureData,
-                     config: TipAdapterConfig) -> TipAdapter:
+    def fit(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: TipAdapterConfig,
+            progress: bool = False) -> TipAdapter:
+        data = FeatureData.build(backend, train, val, config.templates, progress=progress)
+        views = encode_views(backend, train.paths, config.views, config.crop_scale, config.flip, config.seed,
+                             progress=progress) if config.views else None
+        return cls.fit_features(backend, train.classes, data, config, views)
+
+    @classmethod
+    def fit_features(cls, backend: Backend, classes: Sequence[str], data: FeatureData, config: TipAdapterConfig,
+                     views: torch.Tensor | None = None) -> TipAdapter:
+        """`views`: (V, N, D) augmented features of the N training images (None: clean features only)."""
         text = data.logit_scale * data.text
-        alpha, beta, acc = search_alpha_beta(data.val @ text.T, data.val, data.val_targets, data.train,
+        keys = cache_keys(data.train, views)
+        alpha, beta, acc = search_alpha_beta(data.val @ text.T, data.val, data.val_targets, keys,
                                              data.train_targets, config.alpha_grid, config.beta_grid)
-        logger.info("tip-adapter: alpha=%g beta=%g chosen on validation (accuracy %.3f)", alpha, beta, acc)
-        return cls(backend, classes, config, text, data.train.clone(), data.train_targets.clone(), alpha, beta)
+        logger.info("%s: alpha=%g beta=%g chosen on validation (accuracy %.3f)", cls.name, alpha, beta, acc)
+        return cls(backend, classes, config, text, keys, data.train_targets.clone(), alpha, beta)
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         features = features.to(self.text)

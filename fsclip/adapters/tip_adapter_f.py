@@ -18,12 +18,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fsclip.adapters._features import FeatureData, encode_views
+from fsclip.adapters._features import FeatureData
 from fsclip.adapters.config import check_field
 from fsclip.adapters.registry import register_adapter
-from fsclip.adapters.tip_adapter import TipAdapter, TipAdapterConfig, cache_logits, search_alpha_beta
+from fsclip.adapters.tip_adapter import (
+    TipAdapter,
+    TipAdapterConfig,
+    cache_keys,
+    cache_logits,
+    search_alpha_beta,
+)
 from fsclip.backends import Backend
-from fsclip.data import LabeledImages
 
 __all__ = ["TipAdapterF", "TipAdapterFConfig"]
 
@@ -32,30 +37,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TipAdapterFConfig(TipAdapterConfig):
-    """Attributes (besides Tip-Adapter's):
-    epochs: passes over the (clean + augmented) training features.
-    lr: AdamW learning rate for the keys (cosine decay).
-    batch_size: features per step.
-    views: augmented views per training image, encoded once and cached.
-    crop_scale: smallest area fraction of the random resized crop.
-    flip: random horizontal flips in the views.
+    """Options of Tip-Adapter-F (besides Tip-Adapter's).
+
+    Attributes:
+        epochs: passes over the (clean + augmented) training features.
+        lr: AdamW learning rate for the keys (cosine decay).
+        batch_size: features per step.
+        views: augmented views per training image: they make the initial keys (as in Tip-Adapter) and
+            are the training samples, with the clean features.
     """
 
     epochs: int = 20
     lr: float = 1e-3
     batch_size: int = 256
     views: int = 10
-    crop_scale: float = 0.5
-    flip: bool = True
 
     def __post_init__(self):
         super().__post_init__()
         check_field(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         check_field(self.lr > 0, "lr", self.lr, "> 0")
         check_field(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        check_field(isinstance(self.views, int) and self.views >= 0, "views", self.views, "an integer >= 0")
-        check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
-        check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
 
 
 def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
@@ -70,21 +71,14 @@ class TipAdapterF(TipAdapter):
     best_epoch: int | None = None  # the epoch whose keys were kept (0: the training-free ones)
 
     @classmethod
-    def fit(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: TipAdapterFConfig,
-            progress: bool = False) -> TipAdapterF:
-        data = FeatureData.build(backend, train, val, config.templates, progress=progress)
-        views = encode_views(backend, train.paths, config.views, config.crop_scale, config.flip, config.seed,
-                             progress=progress)
-        return cls.fit_features(backend, train.classes, data, config, views)
-
-    @classmethod
     def fit_features(cls, backend: Backend, classes: Sequence[str], data: FeatureData, config: TipAdapterFConfig,
                      views: torch.Tensor | None = None) -> TipAdapterF:
         """`views`: (V, N, D) augmented features of the N training images (None: clean features only)."""
         n_cls = data.num_classes
         text = data.logit_scale * data.text
         val_zs = data.val @ text.T  # (M, C)
-        alpha, beta, _ = search_alpha_beta(val_zs, data.val, data.val_targets, data.train, data.train_targets,
+        init = cache_keys(data.train, views)
+        alpha, beta, _ = search_alpha_beta(val_zs, data.val, data.val_targets, init, data.train_targets,
                                            config.alpha_grid, config.beta_grid)
         # train with the training-free choice; alpha 0 would leave the keys without gradient
         alpha = alpha or 1.0
@@ -92,7 +86,7 @@ class TipAdapterF(TipAdapter):
         if views is not None and len(views):
             x = torch.cat([x, views.reshape(-1, x.shape[1])])
             y = y.repeat(1 + len(views))
-        keys = torch.nn.Parameter(data.train.clone())
+        keys = torch.nn.Parameter(init)
         steps_per_epoch = math.ceil(len(x) / config.batch_size)
         total = config.epochs * steps_per_epoch
         opt = torch.optim.AdamW([keys], lr=config.lr, eps=1e-4)
@@ -127,6 +121,12 @@ class TipAdapterF(TipAdapter):
 
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "best_epoch": self.best_epoch}
+
+    @classmethod
+    def from_state(cls, backend, classes, config, tensors, extra, base) -> TipAdapterF:
+        adapter = super().from_state(backend, classes, config, tensors, extra, base)
+        adapter.best_epoch = extra.get("best_epoch")
+        return adapter
 
 
 register_adapter(TipAdapterF)

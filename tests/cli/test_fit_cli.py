@@ -99,9 +99,15 @@ def test_lora_with_shots_seed_and_merge(folders, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["train_images"] == 6
     assert (merged / "open_clip_config.json").exists()
     capsys.readouterr()
+    assert main(["predict", str(folders / "test" / "ring"), "--adapter", str(out), "--format", "json", "--top-k",
+                 "3", "--device", "cpu", "-q"]) == 0
+    adapted = {r["path"]: r["predictions"] for r in _records(capsys)}
     assert main(["classify", str(folders / "test" / "ring"), "--labels", ",".join(CLASSES), "--model", str(merged),
-                 "--templates", "shapes", "--format", "json", "--device", "cpu", "-q"]) == 0
-    assert len(_records(capsys)) == 4
+                 "--templates", "shapes", "--format", "json", "--top-k", "3", "--device", "cpu", "-q"]) == 0
+    merged_records = {r["path"]: r["predictions"] for r in _records(capsys)}
+    assert len(adapted) == 4 and adapted.keys() == merged_records.keys()
+    for path, preds in adapted.items():  # same ranking; scores differ only by the adapter's temperature
+        assert [p["label"] for p in preds] == [p["label"] for p in merged_records[path]]
 
 
 def _fit_fails(args, capsys, out) -> str:
