@@ -49,6 +49,16 @@ def small_task(tmp_path_factory) -> Task:
     return _write(tmp_path_factory.mktemp("small-task"), ("circle", "square", "ring"), 6, 3, 4, size=48)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The test models are tiny: splitting their small matmuls over threads only adds OpenMP barrier
+    waits, which cost 5-10x when the CPUs are shared with other work. Restored after each module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fast_options() -> dict[str, dict]:
     """Small budgets per method, for contract tests on tiny random models (accuracy is not the point)."""
