@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from fsclip.adapters import load_adapter
+    from fsclip.adapters.base import read_header
     from fsclip.backends import load_model
     from fsclip.images import find_images
     from fsclip.predict import predict_records
@@ -37,7 +38,11 @@ def run(args) -> int:
         print(f"fsclip: error: nothing to classify ({what})", file=sys.stderr)
         return 2
     dtype = None if args.dtype == "auto" else args.dtype
-    backend = load_model(args.model, device=args.device, dtype=dtype) if args.model else None
+    backend = None
+    if args.model:
+        # the weights' fingerprint depends on their dtype: default to the one the adapter was fitted with
+        recorded = read_header(args.adapter)["base_model"].get("dtype")
+        backend = load_model(args.model, device=args.device, dtype=dtype or recorded)
     adapter = load_adapter(args.adapter, backend=backend, device=args.device, dtype=dtype)
     records = predict_records(
         adapter.backend, paths, adapter.proba_from_features, adapter.classes, args.top_k, args.threshold,
