@@ -107,7 +107,7 @@ def run(n_prompts: int = 1000, n_images: int = 256) -> str:
     model.eval()
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     backend = OpenClipBackend("ViT-B-32", model, torch.device("cpu"), torch.float32, preprocess, tokenizer)
-    rows = [bench_text(backend, model, tokenizer, n_prompts)]
+    rows = [bench_text(backend, model, tokenizer, n_prompts)] if n_prompts else []
     if n_images:
         with tempfile.TemporaryDirectory() as tmp:
             rows += bench_images(backend, model, preprocess, _write_jpegs(Path(tmp), n_images))
