@@ -3,11 +3,12 @@
     python -m eval.fewshot_table [--shots 1 2 4 8 16] [--seeds 0] [--methods ...] [--test-per-class 50]
 
 The task the tests use: name the shape among the 6 base shapes and the 3 novel ones the bundled
-shapes-world CLIP never saw in pretraining (9 classes, random colours). Protocol as in CoOp: K
-training images per class, min(K, 4) validation images per class from a separate pool, and a fixed test
-set; every method uses the "shapes" prompt templates. Methods that train the towers run with the CPU
-budget in `BUDGET` (the papers' schedules are GPU-sized: CLIP-LoRA's 500 steps per shot); the table
-says which. Prints Markdown, one row per method, mean test accuracy over seeds.
+shapes-world CLIP never saw in pretraining (9 classes, random colours). Protocol as in CoOp: K training
+images per class (drawn per seed from a pool of twice the largest K), min(K, 4) validation images per
+class (from a separate pool of 8), and a fixed test set; every method uses the "shapes" prompt
+templates. Methods that train the towers run with the CPU budget in `BUDGET` (the papers' schedules are
+GPU-sized: CLIP-LoRA's 500 steps per shot); the table says which. Prints Markdown, one row per method,
+mean test accuracy (± standard deviation) over seeds.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def run(methods: list[str], shots: list[int], seeds: list[int], test_per_class: 
     results: dict[str, dict[int, list[float]]] = {m: {k: [] for k in shots} for m in methods}
     seconds: dict[str, list[float]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
-        pool, val_pool, test = write_task(Path(tmp), max(shots), 4, test_per_class)
+        # pools twice the largest draw, so that every seed samples other training and validation images
+        pool, val_pool, test = write_task(Path(tmp), 2 * max(shots), 8, test_per_class)
         zs = zero_shot_accuracy(backend, test)
         for k in shots:
             for seed in seeds:
