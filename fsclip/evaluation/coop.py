@@ -87,7 +87,7 @@ def _load_with_split(
         train, val, test = fallback(images)
         source = f"{images} (50/20/30 split, seed 0)"
     else:
-        raise DataError(f"dataset {name!r}: {file} not found (get CoOp's split_zhou_*.json files, see docs/EVAL.md)")
+        raise DataError(f"dataset {name!r}: {file} not found (get CoOp's split_zhou_*.json files, see the README's Evaluation section)")
     return ClassificationData(name, test, train, val, templates, source=source)
 
 

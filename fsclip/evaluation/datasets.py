@@ -130,7 +130,7 @@ class DatasetSpec:
             return root / self.folder
         if not root.exists():
             where = f"{root}/{self.folder} or {root}" if self.folder else str(root)
-            raise DataError(f"dataset {self.name!r}: {where} does not exist (nothing is downloaded; see docs/EVAL.md)")
+            raise DataError(f"dataset {self.name!r}: {where} does not exist (nothing is downloaded; see the README's Evaluation section)")
         return root
 
 
