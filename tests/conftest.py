@@ -33,6 +33,16 @@ def _isolated_env(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny test models: splitting their small matmuls over threads only adds OpenMP barrier waits,
+    which cost 10-100x when the CPUs are shared with other work. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_openclip_dir(tmp_path_factory) -> Path:
     """A randomly initialised open_clip CLIP saved in open_clip's local-dir layout."""

@@ -50,13 +50,8 @@ def small_task(tmp_path_factory) -> Task:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The test models are tiny: splitting their small matmuls over threads only adds OpenMP barrier
-    waits, which cost 5-10x when the CPUs are shared with other work. Restored after each module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """Every module here runs with one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from fsclip.cli import main
 from fsclip.shapes import COLOURS, write_folder
@@ -14,13 +13,7 @@ from fsclip.shapes import COLOURS, write_folder
 CLASSES = ("circle", "ring", "diamond")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: threads only add OpenMP barrier waits on a shared CPU. Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

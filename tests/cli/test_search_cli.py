@@ -16,16 +16,7 @@ import pytest
 from fsclip.cli import main
 from fsclip.shapes.world import BASE_SHAPES, COLOURS, write_folder
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny test model: threads only add OpenMP barrier waits (costly on a shared CPU). Restored after."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

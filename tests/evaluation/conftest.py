@@ -6,20 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fsclip.evaluation.shapes import write_captions, write_compositional, write_novel
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The shapes model is tiny: one intra-op thread is as fast alone, and several times faster when the
-    # CPU is shared with other test runs (spinning OpenMP threads fight over the cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_torch_thread(one_torch_thread):
+    """Every module here runs with one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The test models are tiny: splitting their small matmuls over threads only adds OpenMP barriers,
-    which cost 10-100x when the CPUs are shared with other work. Restored after each module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(one_torch_thread):
+    """Every module here runs with one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
