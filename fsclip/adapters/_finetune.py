@@ -1,11 +1,12 @@
-"""Fine-tuning of the image tower under a classification head initialised from zero-shot.
+"""Fine-tuning of the image tower under a classification head fitted first (LP-FT).
 
-The head starts as the zero-shot text classifier (logit scale times the class-prompt embeddings), so
-step 0 is zero-shot and training only has to improve on it (LP-FT style). The practices of the
-transfer-learning playbook: discriminative learning rates (head highest, then each block lower than
-the one above it, the stem lowest), optional gradual unfreezing from the top down, augmentation
-(random resized crop, optional flip), weight decay, early stopping on validation, best checkpoint
-restored. The text tower stays frozen.
+The head starts as a linear probe on the frozen features (itself anchored on the zero-shot text
+classifier), so step 0 is already the probe and training only has to improve on it; with
+`probe_init=False` it starts as the zero-shot classifier. The practices of the transfer-learning
+playbook: discriminative learning rates (head highest, then each block lower than the one above it,
+the stem lowest), optional gradual unfreezing from the top down, augmentation (random resized crop,
+optional flip), weight decay, early stopping on validation, best checkpoint restored. The text tower
+stays frozen.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class FineTuneConfig(TrainingConfig):
         head_lr: learning rate of the classification head (the newest layer, so the highest).
         layer_decay: learning-rate factor per block going down from the top (discriminative rates).
         gradual_unfreeze: start with the backbone frozen and unfreeze one more block per epoch, top down.
+        probe_init: start the head from a linear probe fitted on the frozen features (LP-FT), not from
+            the zero-shot classifier; see `FineTuneAdapter.fit`.
     """
 
     lr: float = 1e-4
@@ -58,6 +61,7 @@ class FineTuneConfig(TrainingConfig):
     head_lr: float = 1e-3
     layer_decay: float = 0.7
     gradual_unfreeze: bool = False
+    probe_init: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,6 +69,7 @@ class FineTuneConfig(TrainingConfig):
         check_field(0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "in (0, 1]")
         check_field(isinstance(self.gradual_unfreeze, bool), "gradual_unfreeze", self.gradual_unfreeze,
                     "true or false")
+        check_field(isinstance(self.probe_init, bool), "probe_init", self.probe_init, "true or false")
 
 
 def param_groups(head: nn.Module, units: list[tuple[str, dict[str, nn.Parameter]]],
@@ -84,6 +89,29 @@ def param_groups(head: nn.Module, units: list[tuple[str, dict[str, nn.Parameter]
             if members:
                 groups.append({"params": members, "lr": lr, "weight_decay": decay, "name": name})
     return groups
+
+
+def _initial_head(backend: Backend, train: LabeledImages, val: LabeledImages, config: FineTuneConfig) -> nn.Linear:
+    """The classifier training starts from: a linear probe on the frozen features, or zero-shot.
+
+    A head far from good (zero-shot on classes the model never saw is near chance) sends large
+    gradients into the backbone in the first steps and distorts the pretrained features before the
+    head has learnt anything; a probe fitted first avoids that (LP-FT, Kumar et al. 2022), and the
+    probe costs no encoding when its features are cached.
+    """
+    if config.probe_init:
+        from fsclip.adapters.linear_probe import LinearProbe, LinearProbeConfig
+
+        probe = LinearProbe.fit(backend, train, val, LinearProbeConfig(templates=config.templates, seed=config.seed))
+        weight, bias = probe.weight, probe.bias
+    else:
+        weight = backend.logit_scale * build_text_classifier(backend, train.classes, load_templates(config.templates))
+        bias = torch.zeros(len(train.classes))
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weight.float())
+        head.bias.copy_(bias.float())
+    return head
 
 
 class FineTuneAdapter(Adapter):
@@ -116,11 +144,7 @@ class FineTuneAdapter(Adapter):
         n_blocks = len(parts.blocks)
         k = cls.blocks_to_train(config, n_blocks)
         stem = cls.trains_stem(config, n_blocks)
-        text = build_text_classifier(backend, train.classes, load_templates(config.templates)).float()
-        head = nn.Linear(text.shape[1], len(train.classes)).to(own.device)
-        with torch.no_grad():
-            head.weight.copy_(backend.logit_scale * text)  # step 0 is zero-shot
-            head.bias.zero_()
+        head = _initial_head(backend, train, val, config).to(own.device)
 
         # units from the top down: projection head, last block, ..., first trained block, (stem)
         named_units = [("projection", parts.head),

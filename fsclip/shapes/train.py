@@ -31,7 +31,15 @@ import torch.nn.functional as F
 
 from fsclip._io import atomic_dir
 from fsclip.backends.openclip import _TextParts
-from fsclip.shapes.world import BASE_SHAPES, COLOURS, caption, heldout_combos, render, seen_combos
+from fsclip.shapes.world import (
+    BASE_SHAPES,
+    COLOURS,
+    PRETRAIN_SHAPES,
+    caption,
+    heldout_combos,
+    render,
+    seen_combos,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +59,23 @@ def _transform():
     return open_clip.image_transform(MODEL_CFG["vision_cfg"]["image_size"], is_train=False, mean=MEAN, std=STD)
 
 
-def make_pairs(n: int, rng: np.random.Generator, partial: float = 0.5, heldout_images: bool = False):
+def make_pairs(n: int, rng: np.random.Generator, partial: float = 0.5, heldout_images: bool = False,
+               extra_share: float = 0.4):
     """`n` (pixels, caption, colour-or-None, shape-or-None).
 
     Captions never name a held-out colour x shape combination. With `heldout_images`, images of those
-    combinations do appear, but only with colour-only or shape-only captions.
+    combinations do appear, but only with colour-only or shape-only captions. A share `extra_share` of
+    the pairs shows the pretraining-only shapes, in any colour.
     """
     combos = seen_combos() + (heldout_combos() if heldout_images else [])
+    extras = [(c, s) for c in COLOURS for s in PRETRAIN_SHAPES]
     held = set(heldout_combos())
     tf = _transform()
     pixels = torch.empty(n, 3, 64, 64, dtype=torch.float16)
     caps, cols, shps = [], [], []
     for i in range(n):
-        c, s = combos[rng.integers(len(combos))]
+        pool = extras if rng.random() < extra_share else combos
+        c, s = pool[rng.integers(len(pool))]
         pixels[i] = tf(render(c, s, rng, RENDER_SIZE)).half()
         u = rng.random() * (partial if (c, s) in held else 1.0)
         keep_c, keep_s = (u >= partial / 2, u < partial / 2 or u >= partial)
@@ -89,8 +101,36 @@ def _targets(cols, shps, idx) -> torch.Tensor:
     return m
 
 
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Another view of each image: random crop (50-100% of the side), quarter-turn, flip, and a colour shift.
+
+    The colour shift (per channel gain and offset, background included) takes away the shortcut of
+    matching two views by their colours or background noise, so only geometry identifies an image.
+    """
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(n):
+        side = int(h * (0.5 + 0.5 * torch.rand(1, generator=gen)))
+        top, left = torch.randint(0, h - side + 1, (2,), generator=gen).tolist()
+        v = F.interpolate(x[i : i + 1, :, top : top + side, left : left + side], size=(h, w), mode="bilinear")[0]
+        v = torch.rot90(v, int(torch.randint(4, (1,), generator=gen)), (1, 2))
+        out[i] = v.flip(2) if torch.rand(1, generator=gen) < 0.5 else v
+    gain = 0.7 + 0.6 * torch.rand(n, 3, 1, 1, generator=gen)
+    return out * gain + 0.8 * (torch.rand(n, 3, 1, 1, generator=gen) - 0.5)
+
+
+def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SimCLR's loss for two views: each image's other view against the rest of the batch."""
+    z = F.normalize(torch.cat([a, b]), dim=-1)
+    sim = z @ z.T / temperature  # (2B, D) @ (D, 2B) -> (2B, 2B)
+    sim.fill_diagonal_(float("-inf"))
+    n = len(a)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    return F.cross_entropy(sim, target)
+
+
 def train(steps: int, batch_size: int, n_images: int, seed: int, lr: float = 2e-3, heldout_images: bool = False,
-          init: Path | None = None, partial: float = 0.5):
+          init: Path | None = None, partial: float = 0.5, extra_share: float = 0.4, ssl_weight: float = 0.0):
     import open_clip
     from safetensors.torch import load_file
 
@@ -102,12 +142,20 @@ def train(steps: int, batch_size: int, n_images: int, seed: int, lr: float = 2e-
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=MODEL_CFG["text_cfg"]["context_length"])
     text = _TextParts(model)
     t0 = time.perf_counter()
-    pixels, caps, cols, shps = make_pairs(n_images, rng, partial=partial, heldout_images=heldout_images)
+    pixels, caps, cols, shps = make_pairs(n_images, rng, partial=partial, heldout_images=heldout_images,
+                                           extra_share=extra_share)
     tokens = tokenizer(caps)
     logger.info("rendered %d pairs in %.0fs", n_images, time.perf_counter() - t0)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    # SLIP-style self-supervision (SimCLR on the image tower, through a head that is not saved): the
+    # captions only ask for colour and 14 shape names, and features that also keep what makes one
+    # image different from another transfer better to shapes the captions never named.
+    dim = MODEL_CFG["embed_dim"]
+    ssl_head = torch.nn.Sequential(torch.nn.Linear(dim, 256), torch.nn.GELU(), torch.nn.Linear(256, dim))
+    gen = torch.Generator().manual_seed(seed)
+    named = list(model.named_parameters()) + [(f"ssl.{n}", p) for n, p in ssl_head.named_parameters()]
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    other = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}], lr=lr)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -118,17 +166,23 @@ def train(steps: int, batch_size: int, n_images: int, seed: int, lr: float = 2e-
         idx = torch.from_numpy(rng.choice(n_images, batch_size, replace=False))
         tok = tokens[idx]
         tok = tok[:, : int(text.pool_index(tok).max()) + 1]
-        img = F.normalize(model.encode_image(pixels[idx].float()), dim=-1)
+        x = pixels[idx].float()
+        if ssl_weight:
+            both = model.encode_image(torch.cat([x, _augment(x, gen)]))
+            raw, ssl = both[:batch_size], ssl_weight * _info_nce(*ssl_head(both).chunk(2))
+        else:
+            raw, ssl = model.encode_image(x), 0.0
+        img = F.normalize(raw, dim=-1)
         txt = F.normalize(text.forward_truncated(tok), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, D) @ (D, B) -> (B, B)
         m = _targets(cols, shps, idx.tolist())
-        loss = 0.5 * (
+        loss = ssl + 0.5 * (
             -(m / m.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
             - (m / m.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
@@ -178,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--partial", type=float, default=0.5, help="share of colour-only / shape-only captions")
+    p.add_argument("--extra-share", type=float, default=0.4, help="share of pairs showing pretraining-only shapes")
+    p.add_argument("--ssl-weight", type=float, default=0.0, help="weight of the SimCLR image-view loss")
     p.add_argument("--init", type=Path, default=None, help="start from this local-dir checkpoint")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--heldout-images", action=argparse.BooleanOptionalAction, default=False,
@@ -185,7 +241,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = train(args.steps, args.batch_size, args.images, args.seed, lr=args.lr,
-                  heldout_images=args.heldout_images, init=args.init, partial=args.partial)
+                  heldout_images=args.heldout_images, init=args.init, partial=args.partial,
+                  extra_share=args.extra_share, ssl_weight=args.ssl_weight)
     metrics = evaluate(model)
     logger.info("zero-shot 48-way accuracy: seen %.3f, unseen %.3f", metrics["seen"], metrics["unseen"])
     save(model, args.out, metrics)

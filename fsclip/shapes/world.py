@@ -13,6 +13,7 @@ __all__ = [
     "BASE_SHAPES",
     "COLOURS",
     "NOVEL_SHAPES",
+    "PRETRAIN_SHAPES",
     "caption",
     "heldout_combos",
     "render",
@@ -33,6 +34,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BASE_SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 # Never drawn during pretraining: the classes few-shot adaptation has to learn.
 NOVEL_SHAPES = ("diamond", "crescent", "ring")
+# Drawn and named in pretraining only, in every colour: web-scale pretraining names far more concepts
+# than any task uses, and a model that has told 14 shapes apart learns more general shape features
+# (edges, corners, curvature, holes) than one that has only seen the 6 the tasks use.
+PRETRAIN_SHAPES = ("pentagon", "octagon", "heart", "arrow", "ellipse", "semicircle", "rectangle", "trapezoid")
 
 _CAPTIONS = (
     "a {c} {s}", "a {c} {s}.", "a photo of a {c} {s}.", "a picture of a {c} {s}.", "a {s} that is {c}.",
@@ -97,6 +102,32 @@ def _draw_mask(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
     elif shape == "diamond":
         pts = [(cx, cy - r), (cx + 0.55 * r, cy), (cx, cy + r), (cx - 0.55 * r, cy)]
         d.polygon(_rotate(pts, small_rot, cx, cy), fill=255)
+    elif shape == "pentagon":
+        d.polygon(_regular(5, r * 1.05, -math.pi / 2 + small_rot, cx, cy), fill=255)
+    elif shape == "octagon":
+        d.polygon(_regular(8, r, math.pi / 8 + small_rot, cx, cy), fill=255)
+    elif shape in ("ellipse", "rectangle"):
+        rot = rng.uniform(0, math.pi)
+        if shape == "ellipse":
+            pts = [(cx + r * math.cos(t), cy + 0.5 * r * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48)]
+        else:
+            pts = [(cx - r, cy - 0.5 * r), (cx + r, cy - 0.5 * r), (cx + r, cy + 0.5 * r), (cx - r, cy + 0.5 * r)]
+        d.polygon(_rotate(pts, rot, cx, cy), fill=255)
+    elif shape == "semicircle":
+        start = rng.uniform(0, 360)
+        d.pieslice([cx - r, cy - r * 0.6, cx + r, cy + r * 1.4], start, start + 180, fill=255)
+    elif shape == "trapezoid":
+        pts = [(cx - r, cy + 0.6 * r), (cx + r, cy + 0.6 * r), (cx + 0.5 * r, cy - 0.6 * r), (cx - 0.5 * r, cy - 0.6 * r)]
+        d.polygon(_rotate(pts, small_rot, cx, cy), fill=255)
+    elif shape == "heart":
+        pts = [(cx + r * 0.95 * math.sin(t) ** 3,
+                cy - r * (0.8 * math.cos(t) - 0.3 * math.cos(2 * t) - 0.12 * math.cos(3 * t) - 0.05 * math.cos(4 * t)))
+               for t in np.linspace(0, 2 * math.pi, 48)]
+        d.polygon(_rotate(pts, small_rot, cx, cy), fill=255)
+    elif shape == "arrow":
+        w, h = r * 0.25, r * 0.55
+        pts = [(-r, -w), (r - h, -w), (r - h, -h), (r, 0), (r - h, h), (r - h, w), (-r, w)]
+        d.polygon(_rotate([(cx + x, cy + y) for x, y in pts], rng.uniform(0, 2 * math.pi), cx, cy), fill=255)
     elif shape == "triangle":
         d.polygon(_regular(3, r * 1.1, -math.pi / 2 + small_rot, cx, cy), fill=255)
     elif shape == "hexagon":
@@ -113,7 +144,7 @@ def _draw_mask(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
         pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
         d.polygon(_rotate([(cx + x, cy + y) for x, y in pts], small_rot, cx, cy), fill=255)
     else:
-        raise ValueError(f"unknown shape {shape!r}; choose one of: {', '.join(BASE_SHAPES + NOVEL_SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; choose one of: {', '.join(BASE_SHAPES + NOVEL_SHAPES + PRETRAIN_SHAPES)}")
     return mask
 
 

@@ -69,3 +69,22 @@ def test_flip_is_optional_and_crops_keep_the_model_size():
     assert all(v.shape == (32, 32, 3) and v[:, :4].mean() > v[:, -4:].mean() for v in never)
     some = [np.asarray(random_view(img, rng, 32, scale=1.0, flip=True)) for _ in range(20)]
     assert any(v[:, :4].mean() < v[:, -4:].mean() for v in some)
+
+
+@pytest.mark.parametrize("probe_init", [True, False])
+def test_head_starts_from_the_linear_probe_or_zero_shot(probe_init, tiny_openclip, small_task):
+    # lr 0 everywhere: the head the training started from is the one saved
+    adapter = fit(tiny_openclip, small_task.pool, "partial-ft", val=small_task.val, templates="generic", iters=1,
+                  lr=1e-12, head_lr=1e-12, probe_init=probe_init, calibrate=False)
+    if probe_init:
+        start = fit(tiny_openclip, small_task.pool, "linear-probe", val=small_task.val, templates="generic",
+                    calibrate=False)
+        want_w, want_b = start.weight, start.bias
+    else:
+        from fsclip.prompts_io import load_templates
+        from fsclip.zeroshot import build_text_classifier
+
+        text = build_text_classifier(tiny_openclip, small_task.pool.classes, load_templates("generic"))
+        want_w, want_b = tiny_openclip.logit_scale * text.float(), torch.zeros(len(text))
+    torch.testing.assert_close(adapter.head.weight, want_w.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(adapter.head.bias, want_b.float(), atol=1e-5, rtol=1e-4)
