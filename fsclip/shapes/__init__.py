@@ -9,10 +9,11 @@ from fsclip.shapes.world import (
     BASE_SHAPES,
     COLOURS,
     NOVEL_SHAPES,
+    PRETRAIN_SHAPES,
     heldout_combos,
     render,
     seen_combos,
     write_folder,
 )
 
-__all__ = ["BASE_SHAPES", "COLOURS", "NOVEL_SHAPES", "heldout_combos", "render", "seen_combos", "write_folder"]
+__all__ = ["BASE_SHAPES", "COLOURS", "NOVEL_SHAPES", "PRETRAIN_SHAPES", "heldout_combos", "render", "seen_combos", "write_folder"]

@@ -46,8 +46,22 @@ def test_novel_shapes_are_not_known_zero_shot(shapes_backend):
 
 def test_training_script_writes_a_loadable_local_dir(tmp_path):
     out = tmp_path / "mini"
-    assert train_main(["--out", str(out), "--steps", "3", "--images", "64", "--batch-size", "16"]) == 0
+    argv = ["--out", str(out), "--steps", "3", "--images", "64", "--batch-size", "16", "--ssl-weight", "1"]
+    assert train_main(argv) == 0
     cfg = json.loads((out / "open_clip_config.json").read_text())
     assert set(cfg["fsclip"]["zero_shot_48way"]) == {"seen", "unseen"}
     backend = load_model(str(out), device="cpu")
     assert backend.name == "open_clip" and backend.embed_dim == 64
+
+
+def test_pretraining_never_draws_or_names_a_novel_shape_or_a_held_out_pair():
+    from fsclip.shapes import NOVEL_SHAPES, PRETRAIN_SHAPES
+    from fsclip.shapes.train import make_pairs
+
+    assert not set(PRETRAIN_SHAPES) & set(NOVEL_SHAPES + BASE_SHAPES)
+    _, captions, colours, shapes = make_pairs(400, np.random.default_rng(0), heldout_images=True)
+    drawn = {s for s, _ in shapes}
+    assert drawn & set(PRETRAIN_SHAPES) and drawn & set(BASE_SHAPES) and not drawn & set(NOVEL_SHAPES)
+    named = {(c, s) for (_, c), (_, s) in zip(colours, shapes)}
+    assert not named & set(heldout_combos())
+    assert not any(n in cap for cap in captions for n in NOVEL_SHAPES)
