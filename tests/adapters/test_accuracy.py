@@ -1,22 +1,22 @@
 """Few-shot accuracy on the shapes world: 9 shapes (6 base + 3 the model never saw), random colours.
 
 Fixed seeds; data from `shapes_task` (16 training, 8 validation, 30 test images per class). Thresholds
-are measured test accuracies lowered by a margin for seed noise. Measured on the committed
-checkpoint (stage 2), at this fixture's seeds and, for the spread, over 4 render seeds of the same
-task (mean, min) — `pytest -s -k accuracy` prints this run's values:
+are measured test accuracies lowered by a margin for seed noise. Measured on the committed checkpoint
+at this fixture's seeds (render 0) and over renders 0, 1, 2 of the same task (`pytest -s -k accuracy`
+prints this run's values):
 
-    zero-shot                    0.626   (4 seeds: 0.620, 0.589)
-    16-shot gain over zero-shot  linear-probe +0.152 (4 seeds: min +0.137), tip-adapter +0.089 (min +0.044),
-                                 tip-adapter-f +0.133 (min +0.115); slow, this seed only: lora +0.152,
-                                 partial-ft +0.111, full-ft +0.122
-    1-shot                       plain linear probe 0.452 (mean 0.451), linear-probe 0.622 (min -0.008 vs
-                                 zero-shot), tip-adapter-f 0.626, lora 0.626 (min +0.10 over the plain probe)
-    best 16-shot                 linear-probe 0.778 (4 seeds: 0.774-0.781), lora 0.778 (slow); full-ft 0.770
-                                 at 60 epochs; lora 0.822 with 400 steps in eval/fewshot_table.py
+    zero-shot                    0.752   (renders 0-2: 0.752-0.767)
+    16-shot, gain over zero-shot linear-probe 0.900 (0.900-0.944; gain min +0.148), tip-adapter 0.796
+                                 (min +0.030), tip-adapter-f 0.793 (min +0.041), lora 0.881 (min +0.096),
+                                 partial-ft 0.922 (0.922-0.944; min +0.160), full-ft 0.930 (min +0.159)
+    1-shot                       plain linear probe 0.419 (0.419-0.544), linear-probe 0.752 (-0.063 to 0.000
+                                 vs zero-shot: the prior protects validation accuracy, and 1-shot validation
+                                 is one image per class), tip-adapter-f 0.748 and lora 0.715 (min +0.219 over
+                                 the plain probe)
+    best 16-shot                 partial-ft (LP-FT: the probe, then the last blocks) 0.922-0.944
 
-This checkpoint's image features separate the novel shapes poorly (crescent and diamond stay near
-0.3-0.6 whatever the method), so no method reaches 0.9 at 16 shots here: the best-method test asserts
-0.75, and `eval/fewshot_table.py` shows the per-shot numbers.
+Before the self-supervised pretraining stages (fsclip/shapes/train.py) the best method reached only
+0.78-0.82 here: the features separated the novel shapes poorly whatever the adaptation.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ BUDGET = {
     "full-ft": {"epochs": 30, "lr": 5e-4, "head_lr": 5e-3, "crop_scale": 0.8},
 }
 # "Clearly beats zero-shot" at 16 shots: the smallest gain measured over render seeds, minus ~0.015.
-MIN_GAIN_16 = {"linear-probe": 0.12, "tip-adapter": 0.03, "tip-adapter-f": 0.10,
-               "lora": 0.06, "partial-ft": 0.06, "full-ft": 0.06}
+MIN_GAIN_16 = {"linear-probe": 0.12, "tip-adapter": 0.015, "tip-adapter-f": 0.025,
+               "lora": 0.07, "partial-ft": 0.13, "full-ft": 0.13}
 FROZEN = ("linear-probe", "tip-adapter", "tip-adapter-f")
 TRAINED = ("lora", "partial-ft", "full-ft")
 
@@ -91,7 +91,7 @@ def test_trained_methods_at_16_shots_clearly_beat_zero_shot(method, shapes_backe
 
 @pytest.mark.parametrize("method", ["lora", "tip-adapter-f"])
 def test_lora_and_tip_adapter_f_beat_the_plain_linear_probe_at_1_shot(method, one_shot):
-    assert one_shot[method] >= one_shot["plain linear probe"] + 0.08
+    assert one_shot[method] >= one_shot["plain linear probe"] + 0.15
 
 
 def test_zero_shot_prior_keeps_1_shot_linear_probe_at_least_zero_shot(one_shot, zero_shot):
@@ -100,8 +100,8 @@ def test_zero_shot_prior_keeps_1_shot_linear_probe_at_least_zero_shot(one_shot, 
 
 
 def test_best_method_at_16_shots(shapes_backend, shapes_task):
-    # the best here is the linear probe (cheap: cached features); see the module docstring about 0.9
-    assert _fit_and_score(shapes_backend, shapes_task, "linear-probe", 16) >= 0.75
+    # the best here: partial fine-tuning from the fitted probe (measured 0.922-0.944, see the docstring)
+    assert _fit_and_score(shapes_backend, shapes_task, "partial-ft", 16) >= 0.9
 
 
 def test_calibrated_threshold_abstains_on_uncertain_images(shapes_backend, shapes_task):

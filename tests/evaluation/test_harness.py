@@ -51,10 +51,10 @@ def test_zero_shot_above_chance_on_held_out_compositions(results):
     r = _get(results, "zeroshot__shapes-compositional__shapes__zero-shot__k0__s0")
     chance = 1 / len(r["dataset"]["classes"])  # 48 colour x shape names
     assert r["dataset"]["n_test"] == 144 and r["dataset"]["skipped_images"] == 0
-    # measured 0.83-1.00 on the 8 combinations never named together in pretraining (chance 0.02);
-    # 0.96-0.98 overall
-    assert r["metrics"]["group_recall"]["held-out combinations"] > 0.5 > 20 * chance
-    assert r["metrics"]["top1"] > 0.85
+    # measured 1.00 on the 8 combinations never named together in pretraining (chance 0.02);
+    # 0.99-1.00 overall
+    assert r["metrics"]["group_recall"]["held-out combinations"] > 0.85 > 20 * chance
+    assert r["metrics"]["top1"] > 0.9
     assert r["run"]["templates"] is None and r["model"]["fingerprint"]
 
 
@@ -65,23 +65,26 @@ def test_few_shot_curve_rises_with_shots_on_novel_shapes(results):
         runs = [_get(results, f"fewshot__shapes-novel__shapes__linear-probe__k{k}__s{s}")["metrics"] for s in (1, 2)]
         return sum(m["group_recall"]["novel shapes"] if key == "novel" else m[key] for m in runs) / 2
 
-    # measured: zero-shot recall on the novel shapes 0.00-0.13; linear probe K=1 0.08-0.22, K=16 0.40-0.70
-    # (gain 0.18-0.62); above zero-shot by 0.30-0.70
-    assert zs["group_recall"]["novel shapes"] < 0.25
-    assert mean(16, "novel") > mean(1, "novel") + 0.1
-    assert mean(16, "novel") > zs["group_recall"]["novel shapes"] + 0.15
-    # top-1 over all 9 shapes: zero-shot 0.56-0.62, K=1 0.57-0.62, K=16 0.69-0.83 (gain 0.09-0.26)
-    assert mean(16, "top1") > mean(1, "top1") + 0.04
+    # measured: zero-shot recall on the novel shapes 0.23-0.33 (1/3 is what naming every novel image
+    # with one novel word gets); linear probe K=1 0.25-0.50, K=16 0.70-0.90 (gain 0.30-0.65); above
+    # zero-shot by 0.40-0.57
+    assert zs["group_recall"]["novel shapes"] < 0.45
+    assert mean(16, "novel") > mean(1, "novel") + 0.2
+    assert mean(16, "novel") > zs["group_recall"]["novel shapes"] + 0.3
+    # top-1 over all 9 shapes: zero-shot 0.73-0.78, K=1 0.67-0.79, K=16 0.88-0.94 (gain 0.12-0.21)
+    assert mean(16, "top1") > mean(1, "top1") + 0.08
     tip = _get(results, "fewshot__shapes-novel__shapes__tip-adapter__k16__s1")
-    assert tip["metrics"]["top1"] > zs["top1"]  # measured +0.03 to +0.11
+    # measured +0.06 at this data seed; -0.02 to +0.06 over data seeds 0-4 (Tip-Adapter is the weakest
+    # method on this model, see the README's few-shot table)
+    assert tip["metrics"]["top1"] > zs["top1"]
     assert tip["dataset"]["n_train"] == 9 * 16 and tip["dataset"]["n_val"] == 9 * 4  # min(K, 4) per class
     assert tip["adapter"]["val_accuracy"]["adapter"] >= 0 and tip["timing"]["features_cached"] is True
 
 
 def test_retrieval_recall(results):
     m = _get(results, "retrieval__shapes-captions__shapes__retrieval__k0__s0")["metrics"]
-    # measured R@1 text-to-image 1.00, image-to-text 0.94-1.00 on 48 images (chance 0.02)
-    assert m["text_to_image_R@1"] > 0.8 and m["image_to_text_R@1"] > 0.8
+    # measured R@1 text-to-image 1.00, image-to-text 0.98-1.00 on 48 images (chance 0.02)
+    assert m["text_to_image_R@1"] > 0.9 and m["image_to_text_R@1"] > 0.9
     assert m["text_to_image_R@1"] <= m["text_to_image_R@5"] <= m["text_to_image_R@10"]
 
 

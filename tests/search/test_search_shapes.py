@@ -1,9 +1,12 @@
 """Text -> image retrieval with the trained shapes-world CLIP: the search finds the right colour and shape.
 
-Thresholds were set from measurements with the stage-2 checkpoint (collections drawn with seeds 0, 1, 2),
-about 0.1 below the worst: "a red circle" recall@10 1.0, 1.0, 1.0; colour+shape captions, mean
-precision@10 0.98-1.00 for combinations seen in training and 0.96-0.975 for held-out ones; colour-only
-1.0; shape-only 0.98-1.0; image -> image, same colour and shape in the top 10: 0.83-0.86.
+Thresholds come from measurements (collections drawn with seeds 0, 1, 2), about 0.1 below the worst.
+Text queries: "a red circle" recall@10 1.0; colour+shape captions, mean precision@10 0.998-1.00
+(0.98-1.00 with the checkpoint before self-supervised pretraining). Image -> image, same colour and
+shape in the top 10: 0.63-0.68 (same shape 0.74-0.82, same colour 0.86-0.90); it was 0.83-0.87 before
+self-supervision, which keeps more of what tells one image from another (size, position, outline)
+and so trades some image-to-image agreement on the two captioned attributes for features that
+separate unseen shapes (see fsclip/shapes/train.py).
 Chance is 10/480 = 0.02 for a colour+shape, 1/8 for a colour, 1/6 for a shape.
 """
 
@@ -76,7 +79,7 @@ def test_image_to_image_finds_same_colour_and_shape(shapes_index):
         hits = index.search(image=photos / f"{c}_{s}_0.png", k=11)
         assert hits[0].path == str(photos / f"{c}_{s}_0.png")
         scores.append(np.mean([_labels(h) == (c, s) for h in hits[1:]]))
-    assert np.mean(scores) >= 0.73, f"mean precision@10 {np.mean(scores):.3f}"
+    assert np.mean(scores) >= 0.55, f"mean precision@10 {np.mean(scores):.3f}"
 
 
 def test_ivf_keeps_recall_for_text_queries(shapes_index, shapes_backend, tmp_path):
