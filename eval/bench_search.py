@@ -35,7 +35,14 @@ from fsclip.search import faiss_index as fi
 
 def synthetic_embeddings(n: int, dim: int, seed: int, clusters: int, rank: int = 16,
                          chunk: int = 8192) -> np.ndarray:
-    """Same mixture as tests/search/searchutil.py, drawn in chunks to bound temporary memory."""
+    """Unit vectors shaped like image embeddings, drawn `chunk` at a time to bound temporary memory.
+
+    A mixture of `clusters` components (the benchmark uses one per 100 vectors) around random unit
+    centres, each spread along its own `rank`-dimensional subspace (offset norm 0.5-1.5) plus
+    isotropic noise of norm 0.2: low intrinsic dimension, like real CLIP features. The mixture is
+    fixed (seed 12345); `seed` draws the points, so queries drawn with another seed come from the
+    same distribution. The draw depends on `chunk` once `n` exceeds it.
+    """
     fixed = np.random.default_rng(12345)
     centres = fixed.standard_normal((clusters, dim), dtype=np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eval.bench_search import synthetic_embeddings as _mixture
 from fsclip.shapes.world import BASE_SHAPES, COLOURS, render
 
 COMBOS = [(c, s) for c in COLOURS for s in BASE_SHAPES]
@@ -35,22 +36,5 @@ def set_mtime(path: Path, seconds: float) -> None:
 
 
 def synthetic_embeddings(n: int, dim: int, seed: int, clusters: int, rank: int = 16) -> np.ndarray:
-    """Unit vectors shaped like image embeddings (the mixture eval/bench_search.py uses).
-
-    A mixture of `clusters` components (the benchmark uses one per 100 vectors) around random unit
-    centres, each spread along its own `rank`-dimensional subspace (offset norm 0.5-1.5) plus
-    isotropic noise of norm 0.2: low intrinsic dimension, like real CLIP features. The mixture is
-    fixed (seed 12345); `seed` draws the points, so queries drawn with another seed come from the
-    same distribution.
-    """
-    fixed = np.random.default_rng(12345)
-    centres = fixed.standard_normal((clusters, dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    bases = fixed.standard_normal((clusters, rank, dim), dtype=np.float32) / np.sqrt(rank * dim)
-    spread = fixed.uniform(0.5, 1.5, clusters).astype(np.float32)
-    rng = np.random.default_rng(seed)
-    comp = rng.integers(clusters, size=n)
-    z = rng.standard_normal((n, rank), dtype=np.float32) * spread[comp, None]
-    x = centres[comp] + 0.2 * rng.standard_normal((n, dim), dtype=np.float32) / np.sqrt(dim)
-    x += np.einsum("nr,nrd->nd", z, bases[comp])  # (n, rank) x (n, rank, dim) -> (n, dim)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    """The benchmark's embedding-like mixture (eval/bench_search.py), drawn in one chunk."""
+    return _mixture(n, dim, seed, clusters, rank, chunk=max(n, 1))
