@@ -4,11 +4,12 @@
 
 Over the images of the shards still to do:
 
-1. `_decode`, in Ray tasks (parallel, retried by Ray when a worker dies): `fsclip.embed.probe` (bytes,
+1. `_decode`, in Ray tasks (parallel; Ray retries a task whose worker dies): `fsclip.embed.probe` (bytes,
    content hash, size, mtime, pixel size), then `load_image` and the model's transform -> pixels, or the
    reason the file cannot be used;
 2. `_Encoder`, in an actor pool: each actor loads the model once, on the GPUs Ray assigns it
-   (`num_gpus_per_worker`), checks it has the driver's weights, and embeds batches of pixels;
+   (`num_gpus_per_worker`), checks it has the driver's weights, and embeds batches of pixels; Ray
+   restarts an actor that dies and retries its batch;
 3. this process gathers rows by shard and writes each shard as soon as all its rows are in, through
    the same writer as the local runner, so files, manifest and resume guarantees are the same.
 
@@ -39,7 +40,6 @@ __all__ = ["check_options", "driver_model", "run"]
 
 logger = logging.getLogger(__name__)
 INSTALL = "pip install 'fsclip[ray]'"
-DECODE_RETRIES = 3  # a file that kills its worker (a decoder crash) fails the run after this many tries
 _WORKER_ERROR = re.compile(r"^fsclip\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
@@ -90,10 +90,12 @@ def _decode(batch: dict, transform: Callable, draft_size: int, shape: tuple[int,
     return {"row": batch["row"], "path": batch["path"], "hash": hashes, **ints, "error": errors, "pixels": pixels}
 
 
-def _decode_options() -> dict:
-    # Finite retries: a file that crashes the decoder must fail the run, not retry forever (Ray Data's
-    # default). Per-task options also keep Ray from fusing decoding into the model actors.
-    return {"max_retries": DECODE_RETRIES}
+def _decode_memory(batch_size: int, shape: tuple[int, ...]) -> int:
+    """Bytes a decoding task reserves: the worker itself (it imports torch: Ray measured 524 MiB for
+    batches of 8 small images), one full-size decode, and its batch of pixels and file bytes (up to 4 MiB a
+    photo). On a node with many cores and little RAM this bounds the batches decoded at once; it also sets
+    decoding apart from the model actors, which keeps Ray from fusing the two stages."""
+    return (768 << 20) + batch_size * (4 * int(np.prod(shape)) + (4 << 20))
 
 
 class _Encoder:
@@ -188,7 +190,7 @@ def run(backend, shards: Sequence[Shard], write: Callable[[ShardResult], None], 
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(_decode, batch_size=batch_size, batch_format="numpy",
                             fn_kwargs={"transform": backend.transform, "draft_size": size, "shape": shape},
-                            ray_remote_args_fn=_decode_options)
+                            memory=_decode_memory(batch_size, shape))
         ds = ds.map_batches(
             _Encoder, batch_size=batch_size, batch_format="numpy",
             fn_constructor_kwargs={"spec": backend.spec, "device": device, "dtype": dtype,
