@@ -68,6 +68,7 @@ __all__ = [
     "probe",
     "read_manifest",
     "run_local",
+    "shard_bytes",
     "shard_schema",
 ]
 
@@ -302,6 +303,15 @@ def _table(result: ShardResult, dim: int, dtype: StorageDtype) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def shard_bytes(result: ShardResult, dim: int, dtype: StorageDtype = "float32") -> bytes:
+    """The Parquet file of one shard."""
+    buf = io.BytesIO()
+    # embeddings do not compress and have no useful statistics; paths do compress
+    pq.write_table(_table(result, dim, dtype), buf, compression="zstd", use_dictionary=False,
+                   write_statistics=["path", "size", "mtime_ns", "width", "height"])
+    return buf.getvalue()
+
+
 def _plan(uris: Sequence[str], shard_size: int) -> list[Shard]:
     return [Shard(i // shard_size, i, tuple(uris[i : i + shard_size])) for i in range(0, len(uris), shard_size)]
 
@@ -348,11 +358,7 @@ class _Output:
 
     def write_shard(self, result: ShardResult, dim: int, dtype: StorageDtype) -> dict:
         name = f"shards/part-{result.shard:05d}.parquet"
-        buf = io.BytesIO()
-        # embeddings do not compress and have no useful statistics; paths do compress
-        pq.write_table(_table(result, dim, dtype), buf, compression="zstd", use_dictionary=False,
-                       write_statistics=["path", "size", "mtime_ns", "width", "height"])
-        data = buf.getvalue()
+        data = shard_bytes(result, dim, dtype)
         with atomic_write(self.root / name) as f:
             os.fchmod(f.fileno(), self._mode)  # a normal file for other readers, not mkstemp's 0600
             f.write(data)
