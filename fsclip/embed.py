@@ -27,6 +27,7 @@ this process, below; "ray": `fsclip.distributed.ray`) only decides where it runs
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import fcntl
 import hashlib
@@ -81,7 +82,8 @@ PATH_COLUMNS = ("path", "uri", "url")
 LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
 TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 StorageDtype = Literal["float32", "float16"]
-# Runners by name: "module:function" of the runner's `run`, imported only when chosen (ray is optional).
+# Runners by name: the module with the runner's `check_options`, `driver_model` and `run`, imported only
+# when chosen (ray is optional).
 RUNNERS = {"local": "fsclip.embed", "ray": "fsclip.distributed.ray"}
 
 _ORIENTATION = 0x0112
@@ -180,21 +182,15 @@ def _expand(source: str, column: str | None) -> list[str]:
     return [os.path.abspath(path)]
 
 
-class _opened:
+@contextlib.contextmanager
+def _opened(name: str, opener: Callable) -> Iterator:
     """`with _opened(name, opener) as f`: an unreadable source becomes one `DataError` line."""
-
-    def __init__(self, name: str, opener: Callable):
-        self.name, self.opener, self.f = name, opener, None
-
-    def __enter__(self):
-        try:
-            self.f = self.opener()
-        except OSError as e:
-            raise DataError(f"cannot read {self.name}: {e.strerror or e}") from None
-        return self.f
-
-    def __exit__(self, *exc) -> None:
-        self.f.close()
+    try:
+        f = opener()
+    except OSError as e:
+        raise DataError(f"cannot read {name}: {e.strerror or e}") from None
+    with f:
+        yield f
 
 
 def _is_image_name(path: str, root: str) -> bool:
@@ -288,7 +284,7 @@ def shard_schema(dim: int, dtype: StorageDtype = "float32") -> pa.Schema:
 def _table(result: ShardResult, dim: int, dtype: StorageDtype) -> pa.Table:
     schema = shard_schema(dim, dtype)
     flat = np.ascontiguousarray(result.embeddings, dtype=np.float16 if dtype == "float16" else np.float32)
-    if flat.shape != (len(result.paths), dim):
+    if flat.size != len(result.paths) * dim:
         raise ValueError(f"shard {result.shard}: embeddings {flat.shape} for {len(result.paths)} rows of dim {dim}")
     m = result.metas
     columns = [
@@ -319,8 +315,14 @@ def _plan(uris: Sequence[str], shard_size: int) -> list[Shard]:
 class _Output:
     """One output folder, held with an exclusive lock: manifest, journal and shard files."""
 
+    KNOWN = frozenset({".lock", "manifest.json", "progress.jsonl", "shards"})
+
     def __init__(self, root: Path):
         self.root = root
+        if root.is_dir() and any(p.name not in self.KNOWN for p in root.iterdir()):
+            raise UsageError(f"{root} exists and is not an `fsclip embed` output folder; choose another --out")
+        if root.exists() and not root.is_dir():
+            raise UsageError(f"--out {root} is a file; choose a folder")
         (root / "shards").mkdir(parents=True, exist_ok=True)
         self._lock = open(root / ".lock", "a")  # noqa: SIM115 - held until close()
         try:

@@ -198,6 +198,33 @@ def test_rerun_with_another_job_into_the_same_out_is_refused(tmp_path, photos, t
     assert (report["computed"], report["resumed"], report["rows"]) == (2, 1, 20)
 
 
+def test_out_must_be_an_embed_folder(tmp_path, photos, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    line = _one_line_error(embed_argv([photos / "a"], tmp_path / "mine"), capsys)
+    assert "is not an `fsclip embed` output folder" in line
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+def test_ray_rows_of_a_shard_whose_files_all_failed_still_make_a_shard():
+    """The Ray driver's collector: rows arrive out of order; a shard of failures is an empty Parquet file."""
+    from fsclip.distributed.ray import _Collector
+    from fsclip.embed import Shard, shard_bytes
+
+    written = []
+    collector = _Collector([Shard(0, 0, ("a", "b")), Shard(1, 2, ("c",))], written.append)
+    ints = {k: np.array([-1, 7]) for k in ("size", "mtime_ns", "width", "height")}
+    collector.add({"row": np.array([2, 1]), "path": np.array(["c", "b"], object), "hash": np.array(["", "h"], object),
+                   **ints, "error": np.array(["empty file", ""], object), "embedding": np.ones((2, 4), np.float32)})
+    assert [r.shard for r in written] == [1] and written[0].failed == [("c", "empty file")]
+    collector.add({"row": np.array([0]), "path": np.array(["a"], object), "hash": np.array([""], object),
+                   **{k: np.array([-1]) for k in ints}, "error": np.array(["no such file"], object),
+                   "embedding": np.zeros((1, 4), np.float32)})
+    assert [r.shard for r in written] == [1, 0] and written[1].paths == ["b"]
+    assert written[1].metas[0].size == 7 and written[1].metas[0].mtime_ns == 7
+    assert pq.read_table(pa.BufferReader(shard_bytes(written[0], 4))).num_rows == 0
+
+
 def test_missing_ray_is_one_line_with_the_install_command(tmp_path, photos, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does where Ray is not installed
     line = _one_line_error(embed_argv([photos], tmp_path / "out", "--runner", "ray"), capsys)
