@@ -473,6 +473,7 @@ def embed(
             `num_gpus_per_worker`, `actors`).
     """
     t0 = time.perf_counter()
+    sources = [os.fspath(sources)] if isinstance(sources, (str, os.PathLike)) else [os.fspath(s) for s in sources]
     if runner not in RUNNERS:
         raise UsageError(f"unknown runner {runner!r}; choose one of: {', '.join(RUNNERS)}")
     if shard_size < 1:
@@ -485,7 +486,7 @@ def embed(
     spec = os.path.abspath(model) if os.path.isdir(model) else model  # workers elsewhere need no cwd
     uris = list_inputs(sources, column)
     if not uris:
-        raise DataError(f"no images found in {', '.join(map(os.fspath, sources))}")
+        raise DataError(f"no images found in {', '.join(sources)}")
     job = {"model": spec, "shard_size": shard_size, "dtype": storage,
            "inputs": {"count": len(uris), "sha256": _digest(uris)}}
 

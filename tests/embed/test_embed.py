@@ -229,3 +229,32 @@ def test_missing_ray_is_one_line_with_the_install_command(tmp_path, photos, monk
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does where Ray is not installed
     line = _one_line_error(embed_argv([photos], tmp_path / "out", "--runner", "ray"), capsys)
     assert line == "fsclip: error: --runner ray needs Ray Data: pip install 'fsclip[ray]'"
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "transformers"])
+def test_transform_is_preprocess_without_the_weights(kind, shapes_backend, tiny_hf_clip_dir, rgb_images):
+    """Ray ships `Backend.transform` to every decoding task: the same pixels, and no model inside."""
+    import pickle
+
+    from fsclip.backends import load_model
+
+    backend = shapes_backend if kind == "open_clip" else load_model(str(tiny_hf_clip_dir), device="cpu")
+    shipped = pickle.loads(pickle.dumps(backend.transform))
+    for img in rgb_images:
+        assert torch.equal(shipped(img), backend.preprocess(img))
+    weights = sum(t.numel() * t.element_size() for t in backend.model.state_dict().values())
+    assert len(pickle.dumps(backend.transform)) < min(100_000, weights / 10)
+
+
+def test_load_image_reads_uris_and_file_objects(photos):
+    import io
+
+    import fsspec
+
+    path = photos / "a" / "img0003.png"
+    fsspec.filesystem("memory").pipe("/load/img.png", path.read_bytes())
+    want = np.asarray(load_image(path))
+    assert np.array_equal(np.asarray(load_image("memory://load/img.png")), want)
+    assert np.array_equal(np.asarray(load_image(io.BytesIO(path.read_bytes()))), want)
+    with pytest.raises(ValueError, match="no such file"):
+        load_image("memory://load/missing.png")
