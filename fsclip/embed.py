@@ -319,10 +319,10 @@ class _Output:
 
     def __init__(self, root: Path):
         self.root = root
-        if root.is_dir() and any(p.name not in self.KNOWN for p in root.iterdir()):
-            raise UsageError(f"{root} exists and is not an `fsclip embed` output folder; choose another --out")
         if root.exists() and not root.is_dir():
             raise UsageError(f"--out {root} is a file; choose a folder")
+        if root.is_dir() and any(p.name not in self.KNOWN and not _temp(p) for p in root.iterdir()):
+            raise UsageError(f"{root} exists and is not an `fsclip embed` output folder; choose another --out")
         (root / "shards").mkdir(parents=True, exist_ok=True)
         self._lock = open(root / ".lock", "a")  # noqa: SIM115 - held until close()
         try:
@@ -330,7 +330,7 @@ class _Output:
         except BlockingIOError:
             self._lock.close()
             raise UsageError(f"another `fsclip embed` is writing to {root}; wait for it or choose another --out") from None
-        for stale in (root / "shards").glob(".*.tmp"):  # temp files of a killed run
+        for stale in [*root.glob(".*.tmp"), *(root / "shards").glob(".*.tmp")]:  # temp files of a killed run
             stale.unlink(missing_ok=True)
         self.manifest = _load_manifest(root) if (root / "manifest.json").exists() else None
         self.done = self._read_journal()
@@ -382,6 +382,11 @@ class _Output:
 
     def close(self) -> None:
         self._lock.close()
+
+
+def _temp(path: Path) -> bool:
+    """A temp file of `atomic_write` (`.NAME.XXXX.tmp`), left behind when a run is killed mid-write."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
 
 
 def _load_manifest(root: Path) -> dict:

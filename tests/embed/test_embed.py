@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import embed_argv, read_rows
+from embedutil import embed_argv, read_rows
 
 from fsclip.cli import main
 from fsclip.embed import iter_tables, read_manifest

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import embed_argv, read_rows
+from embedutil import embed_argv, read_rows
 from killing import kill_at
 
 from fsclip.cli import main

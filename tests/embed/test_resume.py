@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import embed_argv, read_rows
+from embedutil import embed_argv, read_rows
 from killing import kill_at
 
 from fsclip.cli import main
@@ -42,6 +42,7 @@ def test_local_driver_killed_anywhere_resumes_without_duplicates_or_loss(tmp_pat
     assert not list((out / "shards").glob(".*.tmp"))  # the killed run's temp file was cleared
     with open(out / "progress.jsonl", "a") as f:  # and a kill in the middle of appending shard 4's line
         f.write('{"shard": 4, "file": "shards/part-00004.parquet", "rows": 6, "by')
+    (out / ".manifest.json.k2j3h4.tmp").write_text('{"format": "fsc')  # or of rewriting the manifest
 
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
@@ -56,3 +57,4 @@ def test_local_driver_killed_anywhere_resumes_without_duplicates_or_loss(tmp_pat
     assert got["failed"] == want["failed"] and got["status"] == "complete"
     assert [s["rows"] for s in got["shards"]] == [s["rows"] for s in want["shards"]]
     assert sorted(p.name for p in (out / "shards").iterdir()) == [f"part-{i:05d}.parquet" for i in range(5)]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", "progress.jsonl", "shards"]
