@@ -4,10 +4,12 @@
     python -m eval.bench all --quick    # small sizes, to check that everything runs
     python -m eval.bench encode search  # a subset
 
-Each benchmark module (eval.bench_encode, eval.bench_search, eval.bench_fewshot) measures its own
-comparisons in this process and prints Markdown tables; this collects them. Every row of the combined
-table says what was measured, what it was compared with, and the ratio, so that rows from different
-benchmarks read the same way. A module that is missing is skipped with a note.
+Each benchmark module (eval.bench_encode, eval.bench_search, eval.bench_fewshot, eval.bench_scale)
+measures its own comparisons and prints Markdown tables (its `main(["--quick"])` is the small run);
+this collects them, each with a fresh, empty FSCLIP_CACHE. Every row of the combined table says what was
+measured, what it was compared with, and the ratio, so that rows from different benchmarks read the
+same way. A module that is missing is skipped with a note. The README's figures are generated from the
+report this writes (`python -m eval.readme_figures`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import inspect
 import io
 import os
 import platform
@@ -23,33 +24,28 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from eval._timing import markdown_table
+from eval._timing import isolated_cache, markdown_table
 
 OUT = Path(__file__).resolve().parent / "results" / "bench.md"
 
 
 @dataclass(frozen=True)
 class Bench:
-    """One benchmark module; `quick` are the keyword arguments of `run()` or the argv of `main()` that
-    make a small run."""
+    """One benchmark module, run through its `main(argv)`; `--quick` makes a small run."""
 
     name: str
     module: str
-    quick_kwargs: dict = field(default_factory=dict)
-    quick_argv: tuple[str, ...] = ()
 
 
 BENCHES = (
-    Bench("encode", "eval.bench_encode", quick_kwargs={"n_prompts": 200, "n_images": 16},
-          quick_argv=("--prompts", "200", "--images", "16")),
-    Bench("search", "eval.bench_search",
-          quick_argv=("--n", "20000", "--queries", "200", "--uniform-n", "0", "--single-budget", "1",
-                      "--rss-sizes", "200", "400", "--repeats", "1")),
-    Bench("fewshot", "eval.bench_fewshot", quick_argv=("--classes", "20", "--lora-steps", "0")),
+    Bench("encode", "eval.bench_encode"),
+    Bench("search", "eval.bench_search"),
+    Bench("fewshot", "eval.bench_fewshot"),
+    Bench("scale", "eval.bench_scale"),
 )
 RATIO_HEADER = re.compile(r"speed-?up|ratio|\bvs\b|\bx\b|×", re.IGNORECASE)
 
@@ -63,15 +59,8 @@ def run_bench(bench: Bench, quick: bool) -> str | None:
             return None
         raise
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        if hasattr(module, "run"):
-            params = inspect.signature(module.run).parameters
-            kwargs = {k: v for k, v in bench.quick_kwargs.items() if k in params} if quick else {}
-            returned = module.run(**kwargs)
-            if isinstance(returned, str):
-                print(returned)
-        else:
-            module.main(list(bench.quick_argv) if quick else [])
+    with contextlib.redirect_stdout(out), isolated_cache():
+        module.main(["--quick"] if quick else [])
     return out.getvalue()
 
 

@@ -1,21 +1,21 @@
 """Few-shot fitting cost: frozen-feature heads on cached features, and a LoRA step on ViT-B-32.
 
-    python -m eval.bench_fewshot [--classes 100] [--shots 16] [--lora-steps 4]
+    python -m eval.bench_fewshot [--classes 100] [--shots 16] [--lora-steps 4] [--quick]
 
 Prints a Markdown table:
 - linear probe, Tip-Adapter and Tip-Adapter-F fitted on cached features (synthetic: `classes` x `shots`
-  training and 4 validation features per class, dimension 512), median of 3 fits;
+  training and 4 validation features per class, dimension 512), median of 3 fits after one warm-up;
 - seconds per LoRA training step (both towers, rank 2, batch 32) for the ViT-B-32 architecture with
   random weights on the CPU, measured through `fsclip.adapters.fit` as the difference between two run
-  lengths (so loading and set-up cancel out), with the peak resident memory of that process; and the
-  same for full fine-tuning of the image tower, for comparison. Each model run is a fresh process.
+  lengths (so loading and set-up cancel out), with the peak resident memory of that process (VmHWM,
+  read by the process itself); and the same for full fine-tuning of the image tower, for comparison.
+  Each model run is a fresh process. Every run uses a fresh, empty FSCLIP_CACHE.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval._timing import markdown_table, median_time
+from eval._timing import isolated_cache, markdown_table, measure, peak_rss_mib
 
 SPEC = "open_clip:ViT-B-32"  # architecture only: random weights, nothing downloaded
 
@@ -45,7 +45,7 @@ def synthetic_features(classes: int, shots: int, dim: int = 512, val_per_class: 
     return FeatureData(x, y, xv, yv, text, logit_scale=100.0)
 
 
-def bench_heads(classes: int, shots: int) -> list[list]:
+def bench_heads(classes: int, shots: int, repeats: int = 3) -> list[list]:
     from fsclip.adapters import get_adapter
     from fsclip.backends import load_model
 
@@ -58,10 +58,10 @@ def bench_heads(classes: int, shots: int) -> list[list]:
         cls = get_adapter(method)
         config = cls.config_class(templates="generic")
         adapter = cls.fit_features(backend, names, data, config)
-        seconds = median_time(lambda cls=cls, config=config: cls.fit_features(backend, names, data, config))
+        timing = measure(lambda cls=cls, config=config: cls.fit_features(backend, names, data, config), repeats)
         acc = (adapter.logits_from_features(data.val).argmax(-1) == data.val_targets).float().mean().item()
         rows.append([f"{method} fit", f"{classes} classes x {shots} shots, dim 512, cached features",
-                     f"{seconds:.2f} s", f"val accuracy {acc:.2f}"])
+                     timing.time(), f"val accuracy {acc:.2f}"])
     return rows
 
 
@@ -94,7 +94,7 @@ def _step_cost(method: str, steps: int, threads: int, queue) -> None:
             fit(backend, train, method, val=val, templates="generic", iters=n, eval_every=n, batch_size=32)
             times[n] = time.perf_counter() - t0
     per_step = (times[1 + steps] - times[1]) / steps
-    queue.put((per_step, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    queue.put((per_step, peak_rss_mib()))
 
 
 def bench_steps(steps: int) -> list[list]:
@@ -119,12 +119,17 @@ def main(argv=None) -> int:
     p.add_argument("--lora-steps", type=int, default=4, help="training steps timed per method (0: skip)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's); 1 is faster on a machine busy with other work")
+    p.add_argument("--repeats", type=int, default=3, help="timed fits per head method (median, range)")
+    p.add_argument("--quick", action="store_true", help="20 classes, one fit each, no LoRA: checks that it runs")
     args = p.parse_args(argv)
+    if args.quick:
+        args.classes, args.lora_steps, args.repeats = 20, 0, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = bench_heads(args.classes, args.shots)
-    if args.lora_steps:
-        rows += bench_steps(args.lora_steps)
+    with isolated_cache():
+        rows = bench_heads(args.classes, args.shots, args.repeats)
+        if args.lora_steps:
+            rows += bench_steps(args.lora_steps)
     print(markdown_table(["workload", "setting", "time", "note"], rows))
     print(f"\n(torch {torch.__version__}, {torch.get_num_threads()} threads)")
     return 0

@@ -6,6 +6,7 @@ carry on. Decoding runs in worker threads (PIL releases the GIL while decoding) 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections import deque
@@ -13,11 +14,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fsclip._remote import is_uri
+from fsclip._remote import read as read_uri
 from fsclip.errors import DataError
 
 __all__ = [
@@ -89,17 +93,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike | BinaryIO, draft_size: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open, EXIF-rotate and convert one image to RGB, or raise `ImageLoadError` with the reason.
 
-    `draft_size` lets the JPEG decoder shrink by 1/2..1/8 while keeping both sides >= that size,
-    which makes large photos several times cheaper to decode before the resize to model resolution.
+    `path` is a local path, a URI read through fsspec (`s3://...`, see `fsclip._remote`), or a binary
+    file object (bytes already fetched). `draft_size` lets the JPEG decoder shrink by 1/2..1/8 while
+    keeping both sides >= that size, which makes large photos several times cheaper to decode before
+    the resize to model resolution.
     """
-    path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageLoadError("empty file")
-        with Image.open(path) as img:
+        source = _source(path)
+        with Image.open(source) as img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageLoadError(f"image too large: {w}x{h} pixels is over the {max_pixels}-pixel limit")
@@ -118,6 +123,26 @@ def load_image(path: str | os.PathLike, draft_size: int | None = None, max_pixel
         raise ImageLoadError(f"image too large: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated data, bad headers, codec errors
         raise ImageLoadError(f"cannot decode: {e}") from None
+
+
+def _source(path: str | os.PathLike | BinaryIO) -> Path | BinaryIO:
+    """What `Image.open` should read; an empty or unreadable file raises `ImageLoadError` here."""
+    if hasattr(path, "read"):
+        return path
+    if is_uri(path):
+        try:
+            data, _ = read_uri(path)
+        except FileNotFoundError:
+            raise ImageLoadError("no such file") from None
+        except OSError as e:
+            raise ImageLoadError(f"cannot read: {e}") from None
+        if not data:
+            raise ImageLoadError("empty file")
+        return io.BytesIO(data)
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ImageLoadError("empty file")
+    return path
 
 
 @dataclass

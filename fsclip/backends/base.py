@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import ClassVar, Literal
 
@@ -80,6 +80,12 @@ class Backend(ABC):
     @property
     @abstractmethod
     def image_size(self) -> int: ...
+
+    @property
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """`preprocess` as a picklable callable for worker processes; backends return one that holds no
+        weights (this default pickles the whole backend)."""
+        return self.preprocess
 
     @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:

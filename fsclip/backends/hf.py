@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Literal
@@ -15,6 +16,10 @@ from fsclip.backends.base import Backend
 from fsclip.backends.registry import register_backend
 
 __all__ = ["TransformersBackend"]
+
+
+def _pixel_values(processor, image: Image.Image) -> torch.Tensor:
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def _features(out) -> torch.Tensor:
@@ -77,7 +82,12 @@ class TransformersBackend(Backend):
         return int(self.model.config.vision_config.image_size)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self._processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return _pixel_values(self._processor, image)
+
+    @property
+    def transform(self):
+        """`preprocess` bound to the image processor alone (no weights), for worker processes."""
+        return functools.partial(_pixel_values, self._processor)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         max_length = self.model.config.text_config.max_position_embeddings

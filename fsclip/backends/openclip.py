@@ -118,7 +118,7 @@ class OpenClipBackend(Backend):
 
     @property
     def transform(self):
-        """The open_clip eval transform (Resize, CenterCrop, ToTensor, Normalize)."""
+        """The open_clip eval transform (Resize, CenterCrop, ToTensor, Normalize); holds no weights."""
         return self._preprocess
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from fsclip.errors import FsclipError
 __all__ = ["main"]
 
 # Subcommand modules under fsclip/cli/, in --help order.
-COMMANDS = ("classify", "fit", "predict", "index", "search", "serve", "eval", "demo")
+COMMANDS = ("classify", "fit", "predict", "index", "search", "serve", "embed", "eval", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,3 +51,52 @@ def test_missing_and_failing_benchmarks_become_notes():
     assert "- broken: failed (AttributeError" in summary
     assert full.startswith("# fsclip benchmarks") and "`python -m eval.bench gone broken --quick`" in full
     assert "| benchmark | measured | compared with | ratio | details |" in summary
+
+
+def test_readme_figures_are_the_committed_bench_report():
+    """README.md's benchmark block is exactly what `python -m eval.readme_figures` writes from bench.md."""
+    from eval.readme_figures import BENCH, README, render, update
+
+    readme = README.read_text(encoding="utf-8")
+    assert update(readme, render(BENCH.read_text(encoding="utf-8"))) == readme, \
+        "README.md's benchmark block is stale: run `python -m eval.readme_figures`"
+
+
+def test_readme_figures_block_comes_from_the_report_and_nothing_else():
+    from eval.readme_figures import BEGIN, END, render, update
+
+    _, full = collect([], quick=True, log=io.StringIO())  # a report with no rows: the header and the table
+    report = full.replace(" (0 s)", " (7 s)") + "\n| stray | table |\n|---|---|\n| in the full output | x |\n"
+    block = render(report)
+    assert block.startswith("Measured by `python -m eval.bench  --quick` on ")
+    assert "| benchmark | measured | compared with | ratio | details |" in block and "stray" not in block
+    readme = f"# x\n\nbefore\n{BEGIN}\nold figures\n{END}\nafter\n"
+    new = update(readme, block)
+    assert new == f"# x\n\nbefore\n{BEGIN}\n{block}\n{END}\nafter\n" and update(new, block) == new
+
+
+def test_compare_warms_up_alike_and_interleaves_the_runs():
+    from eval._timing import Timing, compare
+
+    calls = []
+    timings = compare({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=2)
+    assert calls == ["a", "b"] * 2 + ["a", "b", "b", "a", "a", "b"]  # the start rotates each round
+    assert [len(t.seconds) for t in timings.values()] == [3, 3]
+    t = Timing((2.0, 1.0, 4.0))
+    assert (t.median, t.spread, t.rate(8, " img/s"), t.time()) == (2.0, (1.0, 4.0), "4.00 (2.00-8.00) img/s",
+                                                                   "2.00 (1.00-4.00) s")
+
+
+def test_peak_memory_is_read_from_the_measured_process():
+    """A child allocating 200 MiB reports its own peak, not this process's (ru_maxrss would be inherited)."""
+    import subprocess
+    import sys
+
+    from eval._timing import peak_rss_mib
+
+    code = ("import numpy as np; from eval._timing import peak_rss_mib; a = np.ones(200 * 2**20 // 8); "
+            "print(peak_rss_mib())")
+    small = float(subprocess.run([sys.executable, "-c", "from eval._timing import peak_rss_mib; print(peak_rss_mib())"],
+                                 capture_output=True, text=True, check=True).stdout)
+    big = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 150 < big - small < 260 and small < peak_rss_mib()  # this process holds torch and more

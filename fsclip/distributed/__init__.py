@@ -1,0 +1,1 @@
+"""Runners that hand fsclip's work to existing distributed engines (`ray.py`: Ray Data)."""
