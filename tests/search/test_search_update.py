@@ -26,7 +26,7 @@ def _assert_consistent(index: ImageIndex, folder) -> None:
     on_disk = sorted(str(p) for p in folder.rglob("*.png"))
     ids, vecs = index.vectors()
     con = sqlite3.connect(index.path / "meta.sqlite")
-    live = sorted(r[0] for r in con.execute("SELECT path FROM files WHERE removed_gen IS NULL"))
+    live = sorted(os.fsdecode(r[0]) for r in con.execute("SELECT path FROM files WHERE removed_gen IS NULL"))
     con.close()
     assert live == on_disk and len(index) == len(on_disk) == len(ids)
     q = np.random.default_rng(0).standard_normal(index.dim).astype(np.float32)
