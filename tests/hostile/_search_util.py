@@ -85,4 +85,4 @@ def cli_without_root_bypass(*argv, timeout: float = 300) -> subprocess.Completed
            "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)}
     pre = _drop_permission_bypass if os.geteuid() == 0 else None
     return subprocess.run([sys.executable, "-m", "fsclip", *map(os.fspath, argv)], capture_output=True,
-                          text=True, env=env, timeout=timeout, preexec_fn=pre, cwd=REPO)
+                          text=True, env=env, timeout=timeout, preexec_fn=pre, cwd="/")

@@ -35,8 +35,7 @@ def test_search_with_an_impossible_filter(idx, capsys, argv, message):
     one_error_line(err, message)
 
 
-@pytest.mark.parametrize("after, count", [("9999-12-31", 0), ("0001-01-01", 6), ("1970-01-01T00:00:00+14:00", 6)],
-                         ids=["year-9999", "year-1", "with-zone"])
+@pytest.mark.parametrize("after, count", [("9999-12-31", 0), ("0001-01-01", 6)], ids=["year-9999", "year-1"])
 def test_search_after_a_date_at_the_ends_of_the_calendar(idx, capsys, after, count):
     """Every date the documented format can write works: nothing is newer than 9999, everything newer than 1."""
     rc, out, err = cli(capsys, "search", idx, "a red circle", "--after", after, "-k", "10", "--format", "json")

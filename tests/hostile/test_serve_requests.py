@@ -107,7 +107,7 @@ def _serve(idx, *args) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p)}
     return subprocess.Popen([sys.executable, "-m", "fsclip", "serve", str(idx), "--device", "cpu", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/")
 
 
 def test_serve_on_a_port_already_in_use(served):
