@@ -112,3 +112,22 @@ def test_serve_while_the_index_is_replaced_by_one_for_another_model(tmp_path, ti
     for resp in (client.get("/api/search", params={"q": "x"}), _get(client, "/api/image", old[0]),
                  client.get("/api/info")):
         assert resp.status_code == 503 and "restart it to use the new index" in resp.json()["error"]
+
+
+def test_serve_a_collection_with_a_latin1_file_name(tmp_path, tiny_backend):  # noqa: F811
+    """The JSON shows the name escaped (valid UTF-8) and its thumb/image/like links lead back to the file."""
+    (src,) = photos(tmp_path / "photos", 1)
+    odd = os.path.join(os.fsencode(tmp_path / "photos"), b"caf\xe9.png")
+    os.rename(src, odd)
+    index = ImageIndex.create(tmp_path / "p.idx", tiny_backend)
+    index.add([tmp_path / "photos"])
+    client = TestClient(build_app(index), base_url="http://127.0.0.1")
+    resp = client.get("/api/search", params={"q": "x"})
+    resp.content.decode("utf-8")  # strict
+    (hit,) = resp.json()["results"]
+    assert hit["path"] == f"{tmp_path}/photos/caf\\xe9.png"
+    image = client.get(hit["image"])
+    assert image.status_code == 200 and image.content == open(odd, "rb").read()
+    assert client.get(hit["thumb"]).status_code == 200
+    like = client.get("/api/search", params={"like": hit["path"]}).json()
+    assert like["results"][0]["path"] == hit["path"] and like["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
