@@ -67,10 +67,13 @@ def register_decoders() -> None:
     pillow_heif.register_heif_opener()
 
 
-def decoder_hint(path: str | os.PathLike) -> str | None:
+def decoder_hint(path) -> str | None:
     """Why a file of a known image type could not be identified when its decoder is missing, else None."""
     register_decoders()
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    name = getattr(path, "name", path)  # a path, or an open file that may know its name
+    if not isinstance(name, str | os.PathLike):
+        return None
+    suffix = os.path.splitext(os.fspath(name))[1].lower()
     if suffix in HEIF_EXTENSIONS and "HEIF" not in Image.OPEN:
         return "HEIF image, but no HEIF decoder is installed: pip install 'fsclip[heif]' (pillow-heif)"
     if suffix in AVIF_EXTENSIONS and "AVIF" not in Image.OPEN:
