@@ -131,11 +131,14 @@ def build_app(index: ImageIndex, *, max_upload_bytes: int = 20 * 2**20,
         logger.exception("internal error on %s", request.url.path)
         return error(500, "internal error; see the server log")
 
+    def too_busy() -> HTTPException:
+        return HTTPException(503, f"busy: {max_busy} images are being decoded; retry shortly",
+                             headers={"Retry-After": "5"})
+
     @contextlib.contextmanager
     def decode_slot():
         if not busy.acquire(timeout=busy_timeout):
-            raise HTTPException(503, f"busy: {max_busy} images are being decoded; retry shortly",
-                                headers={"Retry-After": "5"})
+            raise too_busy()
         try:
             yield
         finally:
@@ -236,9 +239,8 @@ def build_app(index: ImageIndex, *, max_upload_bytes: int = 20 * 2**20,
                                      f"not {ctype or 'no Content-Type'} (e.g. curl --data-binary @q.jpg "
                                      "-H 'Content-Type: image/jpeg')")
         flt = where(glob, prefix, after, before, min_width, max_width, min_height, max_height)
-        if not await run_in_threadpool(busy.acquire, timeout=busy_timeout):
-            raise HTTPException(503, f"busy: {max_busy} images are being decoded; retry shortly",
-                                headers={"Retry-After": "5"})
+        if not await run_in_threadpool(busy.acquire, timeout=busy_timeout):  # waits off the event loop
+            raise too_busy()
         try:  # the body is read inside the slot too: at most max_busy uploads are held in memory
             data = await read_upload(request)
             hits = await run_in_threadpool(search_upload, data, k, [t for t in minus or () if t.strip()],
