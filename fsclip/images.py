@@ -6,6 +6,7 @@ carry on. Decoding runs in worker threads (PIL releases the GIL while decoding) 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -25,20 +26,29 @@ from fsclip._remote import read as read_uri
 from fsclip.errors import DataError
 
 __all__ = [
+    "AVIF_EXTENSIONS",
+    "HEIF_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "Batch",
     "ImageLoadError",
+    "decoder_hint",
     "find_images",
     "iter_batches",
     "load_image",
+    "register_decoders",
     "to_rgb",
 ]
 
 logger = logging.getLogger(__name__)
 
+# HEIF/AVIF (phone cameras) are listed whether or not a decoder is installed: without one each file
+# is reported with what to install (`decoder_hint`), never skipped without a word.
+HEIF_EXTENSIONS = frozenset({".heic", ".heics", ".heif", ".heifs", ".hif"})
+AVIF_EXTENSIONS = frozenset({".avif", ".avifs"})
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-)
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+     ".pbm"}
+) | HEIF_EXTENSIONS | AVIF_EXTENSIONS
 # PIL raises DecompressionBombError above twice its MAX_IMAGE_PIXELS; we refuse at the same size,
 # before decoding, with a reason the user can act on.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
@@ -46,6 +56,33 @@ DEFAULT_MAX_PIXELS = 2 * 89_478_485
 
 class ImageLoadError(DataError):
     """One image that could not be used; the message is the reason."""
+
+
+@functools.cache
+def register_decoders() -> None:
+    """Register optional PIL decoders once, on first use (never at import): HEIF via pillow-heif.
+
+    AVIF is Pillow's own (Pillow >= 11.3 wheels include it).
+    """
+    try:
+        import pillow_heif
+    except ImportError:
+        return
+    pillow_heif.register_heif_opener()
+
+
+def decoder_hint(path) -> str | None:
+    """Why a file of a known image type could not be identified when its decoder is missing, else None."""
+    register_decoders()
+    name = getattr(path, "name", path)  # a path, or an open file that may know its name
+    if not isinstance(name, str | os.PathLike):
+        return None
+    suffix = os.path.splitext(os.fspath(name))[1].lower()
+    if suffix in HEIF_EXTENSIONS and "HEIF" not in Image.OPEN:
+        return "HEIF image, but no HEIF decoder is installed: pip install 'fsclip[heif]' (pillow-heif)"
+    if suffix in AVIF_EXTENSIONS and "AVIF" not in Image.OPEN:
+        return "AVIF image, but this Pillow cannot decode AVIF: pip install -U 'pillow>=11.3'"
+    return None
 
 
 def find_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -102,6 +139,7 @@ def load_image(path: str | os.PathLike | BinaryIO, draft_size: int | None = None
     keeping both sides >= that size, which makes large photos several times cheaper to decode before
     the resize to model resolution.
     """
+    register_decoders()
     try:
         source = _source(path)
         with Image.open(source) as img:
@@ -118,7 +156,7 @@ def load_image(path: str | os.PathLike | BinaryIO, draft_size: int | None = None
     except FileNotFoundError:
         raise ImageLoadError("no such file") from None
     except UnidentifiedImageError:
-        raise ImageLoadError("not an image (unknown or corrupt format)") from None
+        raise ImageLoadError(decoder_hint(path) or "not an image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as e:
         raise ImageLoadError(f"image too large: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated data, bad headers, codec errors

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 
+from fsclip._paths import display_path
 from fsclip.cli._common import DEFAULT_MODEL, add_model_options, add_output_options
 
 
@@ -60,12 +60,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _print_report(index_path, report, fmt: str) -> None:
-    d = {"index": str(index_path), **report.to_dict()}
+    d = {"index": display_path(index_path), **report.to_dict()}
+    d["missing_roots"] = [display_path(r) for r in d["missing_roots"]]
     if fmt == "json":
         print(json.dumps(d))
         return
+    d["unreadable"] = [{**u, "path": display_path(u["path"])} for u in d["unreadable"]]
     if fmt == "csv":
         d["missing_roots"] = ";".join(d["missing_roots"])
+        d["unreadable"] = ";".join(u["path"] for u in d["unreadable"])
         writer = csv.DictWriter(sys.stdout, fieldnames=list(d))
         writer.writeheader()
         writer.writerow(d)
@@ -77,22 +80,35 @@ def _print_report(index_path, report, fmt: str) -> None:
     if report.failed or report.known_bad:
         print(f"  bad files: {report.failed} new, {report.known_bad} known (see `fsclip index info {index_path}`)")
     for root in report.missing_roots:
-        print(f"  missing folder kept as is: {root}")
+        print(f"  missing folder kept as is: {display_path(root)}")
+    for folder, reason in report.unreadable:
+        print(f"  unreadable folder kept as is: {display_path(folder)} ({reason})")
     print(f"  {report.seconds:.1f} s")
+
+
+def _check_run_options(args) -> None:
+    """Flags are checked before anything loads or changes (a model can take minutes to load)."""
+    from fsclip.errors import UsageError
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
 
 
 def run_build(args) -> int:
     from pathlib import Path
 
-    from fsclip.errors import DataError, UsageError
+    from fsclip.errors import UsageError
     from fsclip.search import AnnConfig, ImageIndex
+    from fsclip.search._scan import check_root
 
     path = Path(args.index)
+    _check_run_options(args)
     if args.ann_threshold is not None and args.ann_threshold < 1:
         raise UsageError(f"--ann-threshold must be >= 1, got {args.ann_threshold}")
-    missing = [p for p in args.paths if not os.path.exists(p)]
-    if missing:  # before creating anything: a typo must not leave an empty index behind
-        raise DataError(f"no such file or folder: {missing[0]}")
+    for p in args.paths:  # before creating anything: a typo must not leave an empty index behind
+        check_root(p)
     if path.exists() and not args.overwrite:
         index = ImageIndex.open(path, model=args.model, device=args.device, dtype=args.dtype)
         if args.ann_threshold is not None and args.ann_threshold != index.ann.ann_threshold:
@@ -112,6 +128,7 @@ def run_build(args) -> int:
 def run_update(args) -> int:
     from fsclip.search import ImageIndex
 
+    _check_run_options(args)
     with ImageIndex.open(args.index, device=args.device, dtype=args.dtype) as index:
         report = index.update(batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
     _print_report(args.index, report, args.format)
@@ -123,7 +140,9 @@ def run_info(args) -> int:
 
     with ImageIndex.open(args.index) as index:
         info = index.info()
-        errors = index.errors()
+        errors = [{**e, "path": display_path(e["path"])} for e in index.errors()]
+    for key in ("roots", "excluded"):
+        info[key] = [display_path(p) for p in info[key]]
     if args.format == "json":
         print(json.dumps({**info, "errors": errors}))
         return 0
@@ -132,7 +151,7 @@ def run_info(args) -> int:
         kind += (f" (nlist {info['index']['nlist']}, nprobe {info['index']['nprobe']}, "
                  f"recall@10 {info['index']['tuned_recall_at_10']:.3f} on sample queries)")
     rows = [
-        ("index", info["path"]), ("images", info["images"]), ("model", info["model"]),
+        ("index", display_path(info["path"])), ("images", info["images"]), ("model", info["model"]),
         ("backend", info["backend"]), ("fingerprint", info["fingerprint"]), ("dim", info["dim"]),
         ("search", kind), ("approximate from", f"{info['ann_threshold']} images"),
         ("generation", info["generation"]), ("updated", info["updated"]),
@@ -140,6 +159,8 @@ def run_info(args) -> int:
     ]
     if info["excluded"]:
         rows.append(("excluded", ", ".join(info["excluded"])))
+    if info["damaged"]:
+        rows.append(("damaged", info["damaged"].removeprefix("index damaged: ")))
     if info["pending"]:
         rows.append(("pending", f"{info['pending']} images from an interrupted build; "
                                 f"run `fsclip index update {args.index}` to finish"))

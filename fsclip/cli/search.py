@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 
 
@@ -41,10 +42,17 @@ def add_parser(sub) -> None:
 
 
 def _where(args):
+    from fsclip.errors import UsageError
     from fsclip.search import Where
     from fsclip.search._scan import normpath
-    from fsclip.search.query import parse_time
+    from fsclip.search.query import check_glob, parse_time
 
+    if args.prefix is not None and not args.prefix:
+        raise UsageError("--prefix is empty; give a path prefix such as a folder (--prefix ~/Photos/2023/)")
+    if args.glob is not None:
+        if not args.glob:
+            raise UsageError("--glob is empty; give a pattern such as '*.jpg' or '*/2023/*'")
+        check_glob(args.glob, "--glob")
     return Where(
         path_glob=args.glob,
         path_prefix=None if args.prefix is None else normpath(args.prefix) + ("/" if args.prefix.endswith("/") else ""),
@@ -55,12 +63,19 @@ def _where(args):
 
 
 def run(args) -> int:
+    from fsclip._paths import display_path
     from fsclip.errors import UsageError
     from fsclip.search import ImageIndex
+    from fsclip.search.index import MAX_K
 
     texts = ([args.text] if args.text is not None else []) + args.query
     if not texts and not args.image:
         raise UsageError("nothing to search for: give a text query, --query TEXT or --image PATH")
+    # every flag is checked before the index's model loads (seconds to minutes for a large model)
+    if not 1 <= args.k <= MAX_K:
+        raise UsageError(f"-k must be an integer from 1 to {MAX_K}, got {args.k}")
+    if not (math.isfinite(args.negative_weight) and args.negative_weight >= 0):
+        raise UsageError(f"--negative-weight must be a number >= 0, got {args.negative_weight}")
     where = _where(args)
     with ImageIndex.open(args.index, model=args.model, device=args.device, dtype=args.dtype) as index:
         hits = index.search(text=texts, image=args.image, negative_text=args.minus,
@@ -68,16 +83,16 @@ def run(args) -> int:
                             k=args.k, where=where)
     if args.format == "json":
         for h in hits:
-            print(json.dumps({"path": h.path, "score": round(h.score, 6)}, ensure_ascii=False))
+            print(json.dumps({"path": display_path(h.path), "score": round(h.score, 6)}, ensure_ascii=False))
     elif args.format == "csv":
         w = csv.writer(sys.stdout)
         w.writerow(["rank", "score", "path"])
         for rank, h in enumerate(hits, 1):
-            w.writerow([rank, f"{h.score:.6f}", h.path])
+            w.writerow([rank, f"{h.score:.6f}", display_path(h.path)])
     else:
         print(f"{'rank':>4} {'score':>7}  path")
         for rank, h in enumerate(hits, 1):
-            print(f"{rank:>4} {h.score:>7.4f}  {h.path}")
+            print(f"{rank:>4} {h.score:>7.4f}  {display_path(h.path)}")
     if not hits and not args.quiet:
         print("fsclip: no results (empty index, or no image matches the filters)", file=sys.stderr)
     return 0

@@ -7,8 +7,8 @@
 """
 
 from fsclip.search.faiss_index import AnnConfig
-from fsclip.search.index import ImageIndex, SearchHit
+from fsclip.search.index import ImageIndex, IndexChangedError, SearchHit, Snapshot
 from fsclip.search.query import Where
 from fsclip.search.update import UpdateReport
 
-__all__ = ["AnnConfig", "ImageIndex", "SearchHit", "UpdateReport", "Where"]
+__all__ = ["AnnConfig", "ImageIndex", "IndexChangedError", "SearchHit", "Snapshot", "UpdateReport", "Where"]

@@ -5,7 +5,8 @@ The rule (`choose_kind`, `nlist_for`, `tune_nprobe`):
 * fewer than `ann_threshold` vectors (default 50,000): exact inner-product search,
   `IndexIDMap2(IndexFlatIP)`. A flat scan of 50k x 512 floats takes a few ms per query on one core,
   so below that an ANN index buys nothing and costs recall.
-* from `ann_threshold` on: `IndexIVFFlat` with inner product, `nlist` = the power of two nearest
+* from `ann_threshold` on (and from `MIN_IVF` = 256 vectors, the fewest that train 8 lists of 32):
+  `IndexIVFFlat` with inner product, `nlist` = the power of two nearest
   4 sqrt(n), trained (10 k-means iterations) on a random sample of min(n, 32 * nlist) stored
   vectors. `nprobe` is the smallest power of two whose recall@10 against exact search reaches
   `recall_target + tune_margin` on two query sets: `tune_queries` stored vectors (their self-match
@@ -23,6 +24,7 @@ score, so exact ties (duplicate photos) do not count as misses.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -36,12 +38,14 @@ __all__ = [
     "AnnConfig",
     "choose_kind",
     "exact_knn",
+    "id_range",
     "index_kind",
     "needs_retrain",
     "new_flat",
     "new_ivf",
     "nlist_for",
     "read_index",
+    "read_index_checksum",
     "recall_at_k",
     "search",
     "tune_nprobe",
@@ -51,6 +55,8 @@ __all__ = [
 Kind = Literal["flat", "ivf"]
 RETRAIN_FACTOR = 4
 SAMPLE_PER_LIST = 32  # k-means training points per list: centroids only route queries, 32 is plenty
+MIN_LISTS = 8
+MIN_IVF = MIN_LISTS * SAMPLE_PER_LIST  # 256: fewer vectors cannot train even the smallest IVF index
 KMEANS_ITERS = 10  # FAISS defaults to 25; IVF recall barely changes after 10 and training is 2.5x faster
 
 
@@ -89,17 +95,19 @@ class AnnConfig:
 
 
 def choose_kind(n: int, cfg: AnnConfig, current: Kind | None = None) -> Kind:
-    if current == "ivf":
-        return "ivf" if n >= cfg.ann_threshold // 2 else "flat"
-    return "ivf" if n >= cfg.ann_threshold else "flat"
+    """The index kind for `n` vectors: IVF from the threshold on (or half of it, for an existing IVF
+    index), and never below `MIN_IVF` vectors, which is too few to train the smallest IVF index."""
+    threshold = cfg.ann_threshold // 2 if current == "ivf" else cfg.ann_threshold
+    return "ivf" if n >= max(threshold, MIN_IVF) else "flat"
 
 
 def nlist_for(n: int) -> int:
-    """Power of two nearest 4 sqrt(n) (FAISS's guideline is 4-16 sqrt(n)), with >= 32 vectors a list."""
+    """Power of two nearest 4 sqrt(n) (FAISS's guideline is 4-16 sqrt(n)), with >= 32 vectors a list
+    (at least 8 lists: `choose_kind` picks IVF only from `MIN_IVF` = 8 x 32 vectors on)."""
     nlist = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
-    while nlist > 8 and nlist * SAMPLE_PER_LIST > n:
+    while nlist > MIN_LISTS and nlist * SAMPLE_PER_LIST > n:
         nlist //= 2
-    return int(min(max(nlist, 8), 65536))
+    return int(min(max(nlist, MIN_LISTS), 65536))
 
 
 def needs_retrain(trained_n: int, n: int) -> bool:
@@ -215,11 +223,60 @@ def tune_nprobe(index: faiss.Index, query_sets: list[tuple[np.ndarray, np.ndarra
     return nprobe, recall
 
 
-def write_index(index: faiss.Index, path) -> None:
-    """Atomically: temp file, fsync, rename. Streams through a callback, so no in-memory copy."""
+def write_index(index: faiss.Index, path) -> str:
+    """Atomically: temp file, fsync, rename. Streams through a callback, so no in-memory copy.
+
+    Returns the file's checksum (`read_index_checksum` computes the same while reading).
+    """
+    crc = 0
+
+    def write(data: bytes) -> int:
+        nonlocal crc
+        crc = zlib.crc32(data, crc)
+        return f.write(data)
+
     with atomic_write(path) as f:
-        faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+        faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+    return f"{crc:08x}"
 
 
 def read_index(path) -> faiss.Index:
     return faiss.read_index(str(path))
+
+
+def read_index_checksum(path) -> tuple[faiss.Index, str]:
+    """Read a FAISS file and its checksum (CRC-32 of every byte, as `write_index` returns) in one pass.
+
+    CRC-32 because it only has to tell this index's file from a damaged one or another index's,
+    and it runs at disk speed. Raises FileNotFoundError, or RuntimeError for a file FAISS cannot parse.
+    """
+    crc = 0
+    with open(path, "rb") as f:
+        def read(n: int) -> bytes:
+            nonlocal crc
+            data = f.read(n)
+            crc = zlib.crc32(data, crc)
+            return data
+
+        index = faiss.read_index(faiss.PyCallbackIOReader(read))
+        while data := f.read(1 << 20):  # bytes after the index still count
+            crc = zlib.crc32(data, crc)
+    return index, f"{crc:08x}"
+
+
+def id_range(index: faiss.Index) -> tuple[int, int] | None:
+    """(smallest, largest) id stored in a flat id map or an IVF index; None when empty."""
+    if not index.ntotal:
+        return None
+    if index_kind(index) == "flat":
+        ids = faiss.vector_to_array(faiss.downcast_index(index).id_map)
+        return int(ids.min()), int(ids.max())
+    invlists = faiss.extract_index_ivf(index).invlists
+    lo, hi = None, None
+    for lst in range(invlists.nlist):
+        n = invlists.list_size(lst)
+        if n:
+            ids = faiss.rev_swig_ptr(invlists.get_ids(lst), n)
+            lo = int(ids.min()) if lo is None else min(lo, int(ids.min()))
+            hi = int(ids.max()) if hi is None else max(hi, int(ids.max()))
+    return lo, hi

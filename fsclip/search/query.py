@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timezone
 
 import torch
 
 from fsclip.errors import UsageError
 
-__all__ = ["Where", "combine_queries", "parse_time"]
+__all__ = ["Where", "check_glob", "combine_queries", "parse_time"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# Times a filter can name: the dates Python can write (years 1-9999, any time zone). mtimes are stored
+# as int64 nanoseconds (years 1678-2262), so bounds beyond those are clamped: same answer, no overflow.
+# A day of slack each side: 0001-01-01 in a zone east of UTC is still 0000-12-31 in UTC.
+MIN_TIME = (datetime(1, 1, 1, tzinfo=timezone.utc) - _EPOCH).total_seconds() - 86400
+MAX_TIME = (datetime(9999, 12, 31, tzinfo=timezone.utc) - _EPOCH).total_seconds() + 2 * 86400
+MAX_SIDE = 2**31 - 1  # image sides are C ints in PIL and every format it reads
+_INT64 = 2**63 - 1
+_TIME_RANGE = "a date from 0001-01-01 to 9999-12-31, or seconds since the epoch within those dates"
 
 
 @dataclass(frozen=True)
@@ -40,15 +51,18 @@ class Where:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise UsageError(f"{name} must be a non-empty string, got {value!r}")
+        if self.path_glob is not None:
+            check_glob(self.path_glob, "path_glob")
         for name in ("modified_after", "modified_before"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not math.isfinite(value)):
-                raise UsageError(f"{name} must be seconds since the epoch, got {value!r}")
+                                      or not math.isfinite(value) or not MIN_TIME <= value <= MAX_TIME):
+                raise UsageError(f"{name} must be {_TIME_RANGE}, got {value!r}")
         for name in ("min_width", "max_width", "min_height", "max_height"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise UsageError(f"{name} must be a non-negative integer, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_SIDE):
+                raise UsageError(f"{name} must be an integer from 0 to {MAX_SIDE}, got {value!r}")
         for lo, hi in (("modified_after", "modified_before"), ("min_width", "max_width"),
                        ("min_height", "max_height")):
             a, b = getattr(self, lo), getattr(self, hi)
@@ -72,18 +86,20 @@ class Where:
         """A SQL condition over the `files` table with named parameters ("1" when nothing is set)."""
         conds: list[str] = []
         params: dict = {}
+        # paths are stored as bytes: GLOB matches their text form (UTF-8, as typed), prefixes compare bytes
         if self.path_glob is not None:
-            conds.append("path GLOB :w_glob")
-            params["w_glob"] = self.path_glob
+            conds.append("CAST(path AS TEXT) GLOB CAST(:w_glob AS TEXT)")
+            params["w_glob"] = os.fsencode(self.path_glob)
         if self.path_prefix is not None:
+            prefix = os.fsencode(self.path_prefix)
             conds.append("substr(path, 1, :w_prefix_len) = :w_prefix")
-            params.update(w_prefix_len=len(self.path_prefix), w_prefix=self.path_prefix)
+            params.update(w_prefix_len=len(prefix), w_prefix=prefix)
         if self.modified_after is not None:
             conds.append("mtime_ns >= :w_after")
-            params["w_after"] = int(self.modified_after * 1e9)
+            params["w_after"] = _ns(self.modified_after)
         if self.modified_before is not None:
             conds.append("mtime_ns < :w_before")
-            params["w_before"] = int(self.modified_before * 1e9)
+            params["w_before"] = _ns(self.modified_before)
         for name, column, op in (("min_width", "width", ">="), ("max_width", "width", "<="),
                                  ("min_height", "height", ">="), ("max_height", "height", "<=")):
             value = getattr(self, name)
@@ -93,18 +109,54 @@ class Where:
         return (" AND ".join(conds) or "1"), params
 
 
+def _ns(seconds: float) -> int:
+    """Seconds -> int64 nanoseconds, clamped (no stored mtime lies beyond int64)."""
+    return max(-_INT64 - 1, min(_INT64, int(seconds * 1e9)))
+
+
 def parse_time(text: str, option: str = "time") -> float:
-    """`YYYY-MM-DD`, `YYYY-MM-DDTHH:MM[:SS][+TZ]` (local time when no zone) or epoch seconds -> epoch seconds."""
+    """`YYYY-MM-DD`, `YYYY-MM-DDTHH:MM[:SS][+TZ]` (local time when no zone) or epoch seconds -> epoch seconds.
+
+    Years 1 to 9999 are accepted; epoch seconds beyond those dates are an error.
+    """
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise UsageError(
-            f"invalid {option} {text!r}; use YYYY-MM-DD, YYYY-MM-DDTHH:MM[:SS] or seconds since the epoch"
-        ) from None
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            raise UsageError(
+                f"invalid {option} {text!r}; use YYYY-MM-DD, YYYY-MM-DDTHH:MM[:SS] or seconds since the epoch"
+            ) from None
+        if when.tzinfo is None:
+            try:
+                return when.timestamp()
+            except (OverflowError, OSError, ValueError):  # local time near year 1 or 9999: today's offset
+                when = when.replace(tzinfo=datetime.now().astimezone().tzinfo)
+        seconds = (when - _EPOCH).total_seconds()
+    if not math.isfinite(seconds) or not MIN_TIME <= seconds <= MAX_TIME:
+        raise UsageError(f"{option} {text!r} is out of range: give {_TIME_RANGE}")
+    return seconds
+
+
+def check_glob(pattern: str, option: str = "glob") -> None:
+    """Refuse a pattern SQLite's GLOB can never match: a `[` class without its `]` (e.g. `--glob '['`).
+
+    Same rules as SQLite: `]` right after `[` or `[^` is a literal member of the class.
+    """
+    i = 0
+    while i < len(pattern):
+        if pattern[i] != "[":
+            i += 1
+            continue
+        j = i + 1
+        j += j < len(pattern) and pattern[j] == "^"
+        j += j < len(pattern) and pattern[j] == "]"
+        end = pattern.find("]", j)
+        if end < 0:
+            raise UsageError(f"invalid {option} {pattern!r}: '[' at position {i} has no closing ']' "
+                             "(match a literal '[' with '[[]')")
+        i = end + 1
 
 
 def combine_queries(positives: torch.Tensor, negatives: torch.Tensor | None = None,

@@ -9,7 +9,9 @@ matching FAISS file is on disk.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -17,33 +19,49 @@ import numpy as np
 
 from fsclip.errors import IndexError_
 
-__all__ = ["SCHEMA_VERSION", "connect", "create_schema", "read_info", "visible"]
+__all__ = ["SCHEMA_VERSION", "connect", "create_schema", "damaged", "db_path", "fs_path", "read_info", "visible"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "meta.sqlite"
 
+# Paths are stored as the bytes the OS uses (`os.fsencode`), so every file name round-trips, UTF-8 or not.
 _SCHEMA = """
 CREATE TABLE info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE roots (path TEXT PRIMARY KEY);
-CREATE TABLE excludes (path TEXT PRIMARY KEY);
--- id is the FAISS id; AUTOINCREMENT so an id is never reused while an older reader may still hold it
+CREATE TABLE roots (path BLOB PRIMARY KEY);
+CREATE TABLE excludes (path BLOB PRIMARY KEY);
+-- id is the FAISS id; AUTOINCREMENT so an id is never reused while an older reader may still hold it.
+-- dev/ino/size/mtime_ns: the identity of the file that was embedded; only that file is ever served.
 CREATE TABLE files (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    path TEXT NOT NULL,
+    path BLOB NOT NULL,
     size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL,
     hash TEXT NOT NULL,
     width INTEGER,
     height INTEGER,
     added_gen INTEGER NOT NULL,
-    removed_gen INTEGER
+    removed_gen INTEGER,
+    dev INTEGER,
+    ino INTEGER
 );
 CREATE UNIQUE INDEX files_live_path ON files (path) WHERE removed_gen IS NULL;
 CREATE INDEX files_hash ON files (hash);
 CREATE INDEX files_added ON files (added_gen);
 CREATE INDEX files_removed ON files (removed_gen);
 CREATE TABLE vectors (id INTEGER PRIMARY KEY, vec BLOB NOT NULL);
-CREATE TABLE errors (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, reason TEXT NOT NULL);
+CREATE TABLE errors (path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, reason TEXT NOT NULL);
+"""
+_TABLES = ("info", "roots", "excludes", "files", "vectors", "errors")
+
+# Schema 1 stored paths as UTF-8 text (names that were not UTF-8 could not be indexed at all) and no
+# file identity. CAST(text AS BLOB) gives exactly the UTF-8 bytes, i.e. `os.fsencode` of those names.
+_MIGRATE_1 = """
+UPDATE roots SET path = CAST(path AS BLOB);
+UPDATE excludes SET path = CAST(path AS BLOB);
+UPDATE files SET path = CAST(path AS BLOB);
+UPDATE errors SET path = CAST(path AS BLOB);
+ALTER TABLE files ADD COLUMN dev INTEGER;
+ALTER TABLE files ADD COLUMN ino INTEGER;
 """
 
 # Rows a reader at generation `:gen` sees.
@@ -55,8 +73,27 @@ def visible(gen: int) -> tuple[str, dict]:
     return VISIBLE, {"gen": gen}
 
 
+def db_path(path: str | os.PathLike) -> bytes:
+    """A path as the index stores it: the OS's bytes."""
+    return os.fsencode(path)
+
+
+def fs_path(value: bytes | str) -> str:
+    """A stored path back as `str` (undecodable bytes kept as surrogates, so `open()` finds the file)."""
+    return os.fsdecode(value)
+
+
+def damaged(path: str | os.PathLike, what: str, fix: str | None = None) -> IndexError_:
+    """The error for an index whose files do not fit together; `fix` says how to recover."""
+    fix = fix or f"rebuild it with `fsclip index build PHOTOS --index {path} --overwrite`"
+    return IndexError_(f"index damaged: {what}; {fix}")
+
+
 def connect(path: Path, write: bool = False) -> sqlite3.Connection:
-    """Open the metadata database; WAL lets readers keep their snapshot while a writer commits."""
+    """Open the metadata database; WAL lets readers keep their snapshot while a writer commits.
+
+    Checks that every table is there and upgrades an index of the previous schema in place.
+    """
     db = Path(path) / DB_NAME
     if not db.is_file():
         raise IndexError_(f"{path} is not an fsclip index (no {DB_NAME}); build one with `fsclip index build`")
@@ -69,10 +106,46 @@ def connect(path: Path, write: bool = False) -> sqlite3.Connection:
             con.execute("PRAGMA synchronous = FULL")
         con.execute("PRAGMA foreign_keys = OFF")
         con.row_factory = sqlite3.Row
-        con.execute("SELECT 1 FROM info LIMIT 1")
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as e:
         raise IndexError_(f"cannot open index {path}: {e}") from None
+    lacking = [t for t in _TABLES if t not in tables]
+    if lacking:
+        con.close()
+        raise damaged(path, f"{DB_NAME} has no table {lacking[0]!r}")
+    try:
+        _upgrade(con, path)
+    except BaseException:
+        con.close()
+        raise
     return con
+
+
+def _upgrade(con: sqlite3.Connection, path: Path) -> None:
+    if _version(con) != 1:
+        return
+    try:
+        con.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as e:
+        raise IndexError_(f"index {path} needs a one-time upgrade to schema {SCHEMA_VERSION} but cannot be "
+                          f"written ({e}); open it once where it is writable") from None
+    try:  # statement by statement: executescript would commit half of it
+        if _version(con) == 1:  # another process may have upgraded it meanwhile
+            for statement in filter(str.strip, _MIGRATE_1.split(";")):
+                con.execute(statement)
+            set_info(con, schema_version=SCHEMA_VERSION, index_id=uuid.uuid4().hex)
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _version(con: sqlite3.Connection) -> int:
+    row = con.execute("SELECT value FROM info WHERE key = 'schema_version'").fetchone()
+    try:
+        return int(row[0]) if row is not None else 0
+    except ValueError:
+        return 0
 
 
 def create_schema(con: sqlite3.Connection, info: dict[str, str]) -> None:
@@ -82,14 +155,31 @@ def create_schema(con: sqlite3.Connection, info: dict[str, str]) -> None:
                     [("schema_version", str(SCHEMA_VERSION)), *((k, str(v)) for k, v in info.items())])
 
 
-def read_info(con: sqlite3.Connection) -> dict[str, str]:
-    info = {r["key"]: r["value"] for r in con.execute("SELECT key, value FROM info")}
-    version = int(info.get("schema_version", "0"))
+_INT_KEYS = {"generation": 0, "dim": 1, "count": 0}  # key -> smallest valid value
+
+
+def read_info(con: sqlite3.Connection, path: str | os.PathLike = "") -> dict[str, str]:
+    """The info table, checked: a value that cannot be right is reported as damage, not a traceback."""
+    try:
+        info = {r["key"]: r["value"] for r in con.execute("SELECT key, value FROM info")}
+    except sqlite3.DatabaseError as e:
+        raise damaged(path, f"cannot read {DB_NAME}: {e}") from None
+    version = int(info["schema_version"]) if info.get("schema_version", "").isdigit() else 0
     if version != SCHEMA_VERSION:
         raise IndexError_(
-            f"index schema version {version} is not supported by this fsclip (it reads version "
-            f"{SCHEMA_VERSION}); rebuild the index with `fsclip index build --overwrite`"
+            f"index schema version {info.get('schema_version')} is not supported by this fsclip (it reads "
+            f"version {SCHEMA_VERSION}); rebuild the index with `fsclip index build --overwrite`"
         )
+    for key in ("model_spec", "fingerprint", "ann", *_INT_KEYS):
+        if key not in info:
+            raise damaged(path, f"{DB_NAME} has no {key!r} entry")
+    for key, low in _INT_KEYS.items():
+        try:
+            ok = int(info[key]) >= low
+        except ValueError:
+            ok = False
+        if not ok:
+            raise damaged(path, f"{DB_NAME} records {key} = {info[key]!r}, not an integer >= {low}")
     return info
 
 

@@ -24,11 +24,14 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from fsclip._paths import display_path
 from fsclip.encode import iter_encoded
 from fsclip.errors import IndexError_, ModelLoadError
+from fsclip.images import ImageLoadError
 from fsclip.search import faiss_index as fi
 from fsclip.search import store
 from fsclip.search._scan import probe, under, walk
+from fsclip.search._snapshot import Damaged, Republished, faiss_name, read_published
 
 __all__ = ["UpdateReport", "remove", "sync"]
 
@@ -53,6 +56,8 @@ class UpdateReport:
         known_bad: bad files skipped because they have not changed since they failed.
         total: images searchable afterwards.
         missing_roots: roots that do not exist now; their entries are kept.
+        unreadable: `(folder, reason)` for folders that could not be listed (permissions); their
+            entries are kept, and they are recorded with the bad files.
         kind: FAISS index kind afterwards.
         seconds: wall time.
     """
@@ -66,12 +71,14 @@ class UpdateReport:
     known_bad: int = 0
     total: int = 0
     missing_roots: tuple[str, ...] = ()
+    unreadable: tuple[tuple[str, str], ...] = ()
     kind: str = "flat"
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["missing_roots"] = list(self.missing_roots)
+        d["unreadable"] = [{"path": p, "reason": r} for p, r in self.unreadable]
         return d
 
 
@@ -86,10 +93,11 @@ def _tx(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     con.execute("COMMIT")
 
 
-def _range(root: str) -> tuple[str, str]:
-    """[lo, hi) bounds of the paths strictly under `root`, for an index range scan."""
-    prefix = root if root.endswith(os.sep) else root + os.sep
-    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
+def _range(root: str) -> tuple[bytes, bytes]:
+    """[lo, hi) bounds of the stored paths strictly under `root`, for an index range scan."""
+    prefix = store.db_path(root)
+    prefix = prefix if prefix.endswith(b"/") else prefix + b"/"
+    return prefix, prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 def _drop(con: sqlite3.Connection, row_id: int, added_gen: int, new: int) -> None:
@@ -101,34 +109,38 @@ def _drop(con: sqlite3.Connection, row_id: int, added_gen: int, new: int) -> Non
         con.execute("UPDATE files SET removed_gen = ? WHERE id = ?", (new, row_id))
 
 
-def _drop_path(con: sqlite3.Connection, path: str, new: int) -> None:
+def _drop_path(con: sqlite3.Connection, path: bytes, new: int) -> None:
     row = con.execute("SELECT id, added_gen FROM files WHERE path = ? AND removed_gen IS NULL", (path,)).fetchone()
     if row is not None:
         _drop(con, row[0], row[1], new)
 
 
 def _put(con: sqlite3.Connection, item: tuple, meta: tuple, blob: bytes, new: int) -> None:
-    path, size, mtime_ns = item
+    """Stage `item` (a scan row: path bytes, size, mtime_ns, dev, ino) with its probe and vector."""
+    path, size, mtime_ns, dev, ino = item
     digest, width, height = meta
     _drop_path(con, path, new)
     cur = con.execute(
-        "INSERT INTO files (path, size, mtime_ns, hash, width, height, added_gen) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (path, size, mtime_ns, digest, width, height, new),
+        "INSERT INTO files (path, size, mtime_ns, dev, ino, hash, width, height, added_gen) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (path, size, mtime_ns, dev, ino, digest, width, height, new),
     )
     con.execute("INSERT INTO vectors (id, vec) VALUES (?, ?)", (cur.lastrowid, blob))
     con.execute("DELETE FROM errors WHERE path = ?", (path,))
 
 
 def _fail(con: sqlite3.Connection, item: tuple, reason: str, new: int) -> None:
-    path, size, mtime_ns = item
+    path, size, mtime_ns = item[:3]
     _drop_path(con, path, new)  # the old vector no longer describes this file
     con.execute("INSERT OR REPLACE INTO errors (path, size, mtime_ns, reason) VALUES (?, ?, ?, ?)",
                 (path, size, mtime_ns, reason))
 
 
-def _safe_probe(path: str) -> tuple | str:
+def _safe_probe(path: bytes) -> tuple | str:
     try:
-        return probe(path)
+        return probe(store.fs_path(path))
+    except ImageLoadError as e:
+        return str(e)
     except OSError as e:
         return f"cannot read: {e.strerror or e}"
 
@@ -140,15 +152,19 @@ def _collect_garbage(con: sqlite3.Connection, gen: int) -> None:
         con.execute("DELETE FROM files WHERE removed_gen <= ?", (gen,))
 
 
-def _scan(con: sqlite3.Connection, roots: list[str], excludes: frozenset[str], progress: bool) -> None:
-    con.execute("CREATE TEMP TABLE IF NOT EXISTS scan (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER)")
+def _scan(con: sqlite3.Connection, roots: list[str], excludes: frozenset[str],
+          progress: bool) -> list[tuple[str, str]]:
+    """Fill the temp table `scan` with the files under `roots`; returns the folders that could not be listed."""
+    unreadable: list[tuple[str, str]] = []
+    con.execute("CREATE TEMP TABLE IF NOT EXISTS scan "
+                "(path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, dev INTEGER, ino INTEGER)")
     con.execute("DELETE FROM scan")
     bar = tqdm(unit="file", desc="scanning", disable=None if progress else True, leave=False)
     try:
         for root in roots:
             rows = []
-            for entry in walk(root, excludes):
-                rows.append(entry)
+            for entry in walk(root, excludes, unreadable):
+                rows.append((store.db_path(entry.path), *entry[1:]))
                 if len(rows) >= 4096:
                     _insert_scan(con, rows)
                     bar.update(len(rows))
@@ -157,45 +173,69 @@ def _scan(con: sqlite3.Connection, roots: list[str], excludes: frozenset[str], p
             bar.update(len(rows))
     finally:
         bar.close()
+    return unreadable
 
 
 def _insert_scan(con: sqlite3.Connection, rows: list) -> None:
     with _tx(con):
-        con.executemany("INSERT OR IGNORE INTO scan VALUES (?, ?, ?)", rows)
+        con.executemany("INSERT OR IGNORE INTO scan VALUES (?, ?, ?, ?, ?)", rows)
 
 
-def _remove_missing(con: sqlite3.Connection, scanned: list[str], other_roots: list[str], new: int) -> int:
-    """Drop entries under the scanned roots whose file was not found (unless another root holds them)."""
+def _remove_missing(con: sqlite3.Connection, scanned: list[str], keep: list[str], new: int) -> int:
+    """Drop entries under the scanned roots whose file was not found, except under the folders `keep`
+    (other roots, folders that could not be listed), and their bad-file records."""
     removed = 0
     with _tx(con):
         for root in scanned:
             lo, hi = _range(root)
             cond = "(path = :root OR (path >= :lo AND path < :hi)) AND path NOT IN (SELECT path FROM scan)"
-            params = {"root": root, "lo": lo, "hi": hi}
+            params = {"root": store.db_path(root), "lo": lo, "hi": hi}
             gone = con.execute(f"SELECT id, added_gen, path FROM files WHERE removed_gen IS NULL AND {cond}",
                                params).fetchall()
             for row_id, added_gen, path in gone:
-                if any(under(path, r) for r in other_roots):
+                if any(under(store.fs_path(path), r) for r in keep):
                     continue
                 _drop(con, row_id, added_gen, new)
                 removed += added_gen < new  # staged-only rows were never visible
-            con.execute(f"DELETE FROM errors WHERE {cond}", params)
+            for (path,) in con.execute(f"SELECT path FROM errors WHERE {cond}", params).fetchall():
+                if not any(under(store.fs_path(path), r) for r in keep):
+                    con.execute("DELETE FROM errors WHERE path = ?", (path,))
     return removed
 
 
-_TODO = """
-SELECT s.path, s.size, s.mtime_ns FROM scan s
+def _record_unreadable(con: sqlite3.Connection, unreadable: list[tuple[str, str]]) -> None:
+    with _tx(con):
+        con.executemany("INSERT OR REPLACE INTO errors (path, reason) VALUES (?, ?)",
+                        [(store.db_path(p), f"cannot read folder: {reason}; its entries are kept")
+                         for p, reason in unreadable])
+    for path, reason in unreadable:
+        logger.warning("cannot read folder %s (%s); keeping its entries", display_path(path), reason)
+
+
+# A file is unchanged when it is the same file (device and inode) with the same size and mtime; a file
+# replaced by a copy (rsync, restore from backup) is re-read, and its vector reused when the content is.
+_SAME = "f.size = s.size AND f.mtime_ns = s.mtime_ns AND f.dev IS s.dev AND f.ino IS s.ino"
+_TODO = f"""
+SELECT s.path, s.size, s.mtime_ns, s.dev, s.ino FROM scan s
 WHERE s.path > :last
-  AND NOT EXISTS (SELECT 1 FROM files f WHERE f.path = s.path AND f.removed_gen IS NULL
-                  AND f.size = s.size AND f.mtime_ns = s.mtime_ns)
+  AND NOT EXISTS (SELECT 1 FROM files f WHERE f.path = s.path AND f.removed_gen IS NULL AND {_SAME})
   AND NOT EXISTS (SELECT 1 FROM errors e WHERE e.path = s.path AND e.size = s.size AND e.mtime_ns = s.mtime_ns)
 ORDER BY s.path LIMIT :n
 """
 
 
+def _backfill_identity(con: sqlite3.Connection) -> None:
+    """Entries from a schema-1 index have no device/inode: take them from the scan where size and mtime match."""
+    with _tx(con):
+        con.execute("""
+            UPDATE files SET (dev, ino) = (SELECT s.dev, s.ino FROM scan s WHERE s.path = files.path)
+            WHERE ino IS NULL AND removed_gen IS NULL AND EXISTS (
+                SELECT 1 FROM scan s WHERE s.path = files.path AND s.size = files.size
+                AND s.mtime_ns = files.mtime_ns)""")
+
+
 def _counts(con: sqlite3.Connection, gen: int) -> dict[str, int]:
-    same = ("FROM scan s JOIN files f ON f.path = s.path AND f.removed_gen IS NULL "
-            "AND f.size = s.size AND f.mtime_ns = s.mtime_ns")
+    same = f"FROM scan s JOIN files f ON f.path = s.path AND f.removed_gen IS NULL AND {_SAME}"
     q = lambda sql, *a: con.execute(sql, a).fetchone()[0]  # noqa: E731
     unchanged = q(f"SELECT count(*) {same} WHERE f.added_gen <= ?", gen)
     resumed = q(f"SELECT count(*) {same} WHERE f.added_gen > ?", gen)
@@ -227,7 +267,7 @@ def _embed(con, index, new: int, todo: int, batch_size: int, num_workers: int | 
                     for item, meta in zip(chunk, metas):
                         if isinstance(meta, str):
                             _fail(con, item, meta, new)
-                            logger.warning("skipping %s: %s", item[0], meta)
+                            logger.warning("skipping %s: %s", display_path(store.fs_path(item[0])), meta)
                             counts["failed"] += 1
                             bar.update(1)
                             continue
@@ -245,7 +285,7 @@ def _embed(con, index, new: int, todo: int, batch_size: int, num_workers: int | 
                             twins[meta[0]] = []
                 if not to_embed:
                     continue
-                paths = [item[0] for item, _ in to_embed]
+                paths = [store.fs_path(item[0]) for item, _ in to_embed]
                 # the model loads only once something needs embedding: a no-op update stays instant
                 for batch in iter_encoded(index.backend, paths, batch_size=batch_size, num_workers=num_workers):
                     feats = batch.features.cpu().numpy()  # (len(indices), D)
@@ -282,25 +322,28 @@ def sync(index, roots: list[str] | None, *, register: bool, batch_size: int = 32
         if register:
             with _tx(con):
                 for root in roots:
-                    con.execute("INSERT OR IGNORE INTO roots (path) VALUES (?)", (root,))
+                    con.execute("INSERT OR IGNORE INTO roots (path) VALUES (?)", (store.db_path(root),))
                     lo, hi = _range(root)
-                    con.execute("DELETE FROM excludes WHERE path = ? OR (path >= ? AND path < ?)", (root, lo, hi))
-        all_roots = [r[0] for r in con.execute("SELECT path FROM roots ORDER BY path")]
+                    con.execute("DELETE FROM excludes WHERE path = ? OR (path >= ? AND path < ?)",
+                                (store.db_path(root), lo, hi))
+        all_roots = [store.fs_path(r[0]) for r in con.execute("SELECT path FROM roots ORDER BY path")]
         roots = all_roots if roots is None else roots
         _collect_garbage(con, gen)
-        excludes = frozenset(r[0] for r in con.execute("SELECT path FROM excludes"))
-        present = [r for r in roots if os.path.exists(r)]
+        excludes = frozenset(store.fs_path(r[0]) for r in con.execute("SELECT path FROM excludes"))
+        present = [r for r in roots if os.path.isdir(r) or os.path.isfile(r)]
         missing = tuple(r for r in roots if r not in present)
         for r in missing:
-            logger.warning("root %s does not exist (unmounted?); keeping its entries", r)
-        _scan(con, present, excludes, progress)
+            logger.warning("root %s does not exist (unmounted?); keeping its entries", display_path(r))
+        unreadable = _scan(con, present, excludes, progress)
         others = [r for r in all_roots if r not in present and not any(under(r, p) for p in present)]
-        removed = _remove_missing(con, present, others, new)
+        removed = _remove_missing(con, present, others + [p for p, _ in unreadable], new)
+        _record_unreadable(con, unreadable)
+        _backfill_identity(con)
         counts = _counts(con, gen)
         done = _embed(con, index, new, counts.pop("todo"), batch_size, num_workers, progress)
         kind, total = _publish(index, con, gen, new, progress)
-    return UpdateReport(removed=removed, **counts, **done, total=total, missing_roots=missing, kind=kind,
-                        seconds=time.perf_counter() - t0)
+    return UpdateReport(removed=removed, **counts, **done, total=total, missing_roots=missing,
+                        unreadable=tuple(unreadable), kind=kind, seconds=time.perf_counter() - t0)
 
 
 def remove(index, paths: list[str]) -> int:
@@ -308,22 +351,22 @@ def remove(index, paths: list[str]) -> int:
     with index._writer() as con:
         gen = int(store.read_info(con)["generation"])
         new = gen + 1
-        roots = [r[0] for r in con.execute("SELECT path FROM roots")]
+        roots = [store.fs_path(r[0]) for r in con.execute("SELECT path FROM roots")]
         removed = 0
         with _tx(con):
             for path in paths:
                 lo, hi = _range(path)
                 cond = "(path = :p OR (path >= :lo AND path < :hi))"
-                params = {"p": path, "lo": lo, "hi": hi}
+                params = {"p": store.db_path(path), "lo": lo, "hi": hi}
                 for row_id, added_gen in con.execute(
                         f"SELECT id, added_gen FROM files WHERE removed_gen IS NULL AND {cond}", params).fetchall():
                     _drop(con, row_id, added_gen, new)
                     removed += added_gen < new
                 con.execute(f"DELETE FROM errors WHERE {cond}", params)
                 if path in roots:
-                    con.execute("DELETE FROM roots WHERE path = ?", (path,))
+                    con.execute("DELETE FROM roots WHERE path = ?", (store.db_path(path),))
                 elif any(under(path, r) for r in roots):
-                    con.execute("INSERT OR IGNORE INTO excludes (path) VALUES (?)", (path,))
+                    con.execute("INSERT OR IGNORE INTO excludes (path) VALUES (?)", (store.db_path(path),))
         _publish(index, con, gen, new, progress=False)
     return removed
 
@@ -331,21 +374,29 @@ def remove(index, paths: list[str]) -> int:
 def _publish(index, con: sqlite3.Connection, gen: int, new: int, progress: bool) -> tuple[str, int]:
     """Write the FAISS index for generation `new` (atomically), then make it the published one.
 
-    Returns (kind, count). With nothing staged the published generation stays as it is.
+    Returns (kind, count). With nothing staged the published generation stays as it is, unless its
+    FAISS file is damaged: then it is rebuilt from the vectors in SQLite.
     """
-    info = store.read_info(con)
+    info = store.read_info(con, index.path)
     dim = int(info["dim"])
     live = "removed_gen IS NULL"
     n = con.execute(f"SELECT count(*) FROM files WHERE {live}").fetchone()[0]
     added = con.execute(f"SELECT count(*) FROM files WHERE added_gen = ? AND {live}", (new,)).fetchone()[0]
     gone = store.ids_where(con, "removed_gen = :new AND added_gen <= :gen", {"new": new, "gen": gen})
-    current = fi.read_index(index.path / f"vectors-{gen}.faiss")
-    if not added and not len(gone):
+    try:
+        current = read_published(index.path, con, info)
+    except (Damaged, Republished) as e:  # Republished cannot happen under the write lock
+        logger.warning("%s: rebuilding it from %s", str(e).split(";")[0], store.DB_NAME)
+        current = None
+    if current is not None and not added and not len(gone):
         return fi.index_kind(current), int(current.ntotal)
 
     cfg = index.ann
-    cur_kind = fi.index_kind(current)
+    cur_kind = fi.index_kind(current) if current is not None else None
     kind = fi.choose_kind(n, cfg, cur_kind)
+    if kind == "flat" and n >= cfg.ann_threshold:
+        logger.warning("%d images: exact search; an approximate (IVF) index needs at least %d to train",
+                       n, fi.MIN_IVF)
     trained_n = int(info.get("ivf_trained_n", 0))
     changed = int(info.get("changed_since_tune", 0)) + added + len(gone)
     meta: dict = {}
@@ -368,12 +419,13 @@ def _publish(index, con: sqlite3.Connection, gen: int, new: int, progress: bool)
         logger.info("IVF nlist=%d: nprobe=%d gives recall@10 %.3f on sample queries", ivf.nlist, nprobe, recall)
     if int(built.ntotal) != n:
         raise IndexError_(f"index is inconsistent: FAISS holds {built.ntotal} vectors, metadata {n}")
-    fi.write_index(built, index.path / f"vectors-{new}.faiss")
+    checksum = fi.write_index(built, index.path / faiss_name(new))
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with _tx(con):
-        store.set_info(con, generation=new, kind=kind, count=n, changed_since_tune=changed, updated=now, **meta)
+        store.set_info(con, generation=new, kind=kind, count=n, changed_since_tune=changed, updated=now,
+                       faiss_checksum=checksum, **meta)
     for f in index.path.glob("vectors-*.faiss"):
-        if f.name != f"vectors-{new}.faiss":
+        if f.name != faiss_name(new):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
     return kind, n

@@ -108,3 +108,16 @@ def test_errors_show_in_the_page(server, page):
     page.set_input_files("#upload", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
     expect(page.locator("#status")).to_contain_text("uploaded file is unusable")
     expect(page.locator("#status")).to_have_class("error")
+
+
+def test_upload_an_image_to_find_it(server, page):
+    """The page sends the file itself (image/*), which is what the server accepts; the same picture ranks first."""
+    from playwright.sync_api import expect
+
+    url, index = server
+    target = index.search(text="a blue star", k=1)[0].path
+    page.goto(url)
+    page.set_input_files("#upload", files=[{"name": "query.png", "mimeType": "image/png",
+                                            "buffer": open(target, "rb").read()}])
+    expect(page.locator("#status")).to_contain_text("similar to query.png")
+    expect(page.locator("#results .hit").first).to_have_attribute("data-path", target)

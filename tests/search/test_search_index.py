@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import sqlite3
 import threading
 
@@ -41,7 +42,8 @@ def _brute(index: ImageIndex, q: np.ndarray, k: int, keep=None):
     if keep is not None:
         con = sqlite3.connect(index.path / "meta.sqlite")
         con.row_factory = sqlite3.Row
-        meta = {r["id"]: dict(r) for r in con.execute("SELECT * FROM files WHERE removed_gen IS NULL")}
+        meta = {r["id"]: {**dict(r), "path": os.fsdecode(r["path"])}  # paths are stored as bytes
+                for r in con.execute("SELECT * FROM files WHERE removed_gen IS NULL")}
         con.close()
         mask = np.array([bool(keep(meta[int(i)])) for i in ids])
         ids, vecs = ids[mask], vecs[mask]

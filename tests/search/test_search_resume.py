@@ -77,7 +77,7 @@ def _state(index: ImageIndex) -> dict[str, np.ndarray]:
     dupes = con.execute("SELECT count(*) - count(DISTINCT path) FROM files WHERE removed_gen IS NULL").fetchone()[0]
     con.close()
     assert dupes == 0 and len(rows) == len(ids) == len(index), "duplicate or unpublished entries"
-    path_of = dict(rows)
+    path_of = {i: os.fsdecode(p) for i, p in rows}  # paths are stored as bytes
     return {path_of[int(i)]: v for i, v in zip(ids, vecs)}
 
 

@@ -26,7 +26,7 @@ def _assert_consistent(index: ImageIndex, folder) -> None:
     on_disk = sorted(str(p) for p in folder.rglob("*.png"))
     ids, vecs = index.vectors()
     con = sqlite3.connect(index.path / "meta.sqlite")
-    live = sorted(r[0] for r in con.execute("SELECT path FROM files WHERE removed_gen IS NULL"))
+    live = sorted(os.fsdecode(r[0]) for r in con.execute("SELECT path FROM files WHERE removed_gen IS NULL"))
     con.close()
     assert live == on_disk and len(index) == len(on_disk) == len(ids)
     q = np.random.default_rng(0).standard_normal(index.dim).astype(np.float32)
@@ -145,3 +145,30 @@ def test_missing_root_keeps_its_entries(indexed, tmp_path):
     photos.rename(tmp_path / "unmounted")
     report = index.update()
     assert report.missing_roots == (str(photos),) and report.removed == 0 and report.total == 24
+
+
+def test_schema_1_index_is_upgraded_in_place_without_reembedding(indexed):
+    """An index written by the previous schema (paths as text, no file identity) opens, searches and
+    updates; its files are not re-read or re-embedded, and their identity is filled in by the next update."""
+    index, photos, paths = indexed
+    before = index.search(text="a red circle", k=5)
+    index.close()
+    con = sqlite3.connect(index.path / "meta.sqlite")
+    for table in ("roots", "excludes", "files", "errors"):
+        con.execute(f"UPDATE {table} SET path = CAST(path AS TEXT)")
+    con.execute("ALTER TABLE files DROP COLUMN dev")
+    con.execute("ALTER TABLE files DROP COLUMN ino")
+    con.execute("DELETE FROM info WHERE key IN ('index_id', 'faiss_checksum')")
+    con.execute("UPDATE info SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+
+    old = ImageIndex.open(index.path)
+    assert old.info()["schema_version"] == 2 and old.info()["index_id"]
+    assert [h.path for h in old.search(text="a red circle", k=5)] == [h.path for h in before]
+    assert old.lookup(str(paths[0])) is not None
+    report = old.update()
+    assert (report.unchanged, report.embedded, report.reused) == (24, 0, 0)
+    con = sqlite3.connect(index.path / "meta.sqlite")
+    assert con.execute("SELECT count(*) FROM files WHERE ino IS NULL").fetchone()[0] == 0
+    con.close()

@@ -91,10 +91,11 @@ function similar(path) {
 }
 
 function upload(file) {
-  const form = new FormData();
-  form.append("image", file);
-  run(`/api/search/image?k=${encodeURIComponent(k())}`, { method: "POST", body: form },
-      `similar to ${file.name}`);
+  // The file itself as the body, typed image/*: the server refuses form posts (a foreign page can send
+  // those without asking). Browsers leave the type empty for formats they do not know (e.g. HEIC).
+  const type = file.type.startsWith("image/") ? file.type : "image/x-unknown";
+  run(`/api/search/image?k=${encodeURIComponent(k())}`,
+      { method: "POST", body: file, headers: { "Content-Type": type } }, `similar to ${file.name}`);
 }
 
 document.addEventListener("DOMContentLoaded", () => {
