@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -13,18 +14,63 @@ from typing import TextIO
 DEFAULT_MODEL = os.environ.get("FSCLIP_MODEL", "ViT-B-32@laion2b_s34b_b79k")
 
 
+# argparse `type=` validators: a bad value is a one-line usage error before anything loads
+def positive_int(text: str) -> int:
+    """An integer >= 1 (batch sizes, counts, K)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1] (score thresholds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
+
+
 def add_model_options(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
     p.add_argument("--model", default=default, required=default is None,
                    help=f"model spec: folder, ARCH@TAG, hf-hub:ORG/REPO, ORG/REPO or 'shapes' (default: {default})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights/compute dtype (default: fp32 on CPU, fp16 on CUDA)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
 
 
 def add_prediction_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-k", type=int, default=5, help="predictions per image (default: 5)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--top-k", type=positive_int, default=5, help="predictions per image (default: 5)")
+    p.add_argument("--threshold", type=probability, default=None,
                    help="answer 'unknown' when the best score is below this probability")
     add_output_options(p)
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from fsclip.cli._common import add_model_options
+from fsclip.cli._common import add_model_options, nonnegative_int, positive_int
 
 DEFAULT_ROOT = os.environ.get("FSCLIP_DATA", "data")
 
@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
     _add_run_options(fs)
     fs.add_argument("--method", action="append", default=None, metavar="METHOD",
                     help="adapter (repeatable; see `fsclip fit --help`), default: tip-adapter")
-    fs.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="K values (default: 1 2 4 8 16)")
-    fs.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
+    fs.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="K values (default: 1 2 4 8 16)")
+    fs.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
     fs.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="adapter option, e.g. iters=200 or lr=1e-4 (value read as JSON if it parses); repeatable")
     fs.set_defaults(func=run_tasks, task="fewshot")

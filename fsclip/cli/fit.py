@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fsclip.cli._common import add_model_options
+from fsclip.cli._common import add_model_options, nonnegative_int, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -23,11 +23,11 @@ def add_parser(sub) -> None:
     p.add_argument("--val", type=Path, default=None,
                    help="validation folder with the same classes (default: min(k, 4) images per class held out "
                         "of the training folder)")
-    p.add_argument("--shots", type=int, default=None, help="use K randomly chosen training images per class")
-    p.add_argument("--seed", type=int, default=0, help="seed for --shots, the split and training (default: 0)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (methods that train)")
-    p.add_argument("--iters", type=int, default=None, help="training steps (LoRA, fine-tuning)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (methods that train)")
+    p.add_argument("--shots", type=positive_int, default=None, help="use K randomly chosen training images per class")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for --shots, the split and training (default: 0)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (methods that train)")
+    p.add_argument("--iters", type=positive_int, default=None, help="training steps (LoRA, fine-tuning)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (methods that train)")
     p.add_argument("--templates", default="imagenet80",
                    help="prompt template set or JSON file for the class names (default: imagenet80)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,

@@ -6,7 +6,7 @@ import sys
 from itertools import chain
 from pathlib import Path
 
-from fsclip.cli._common import add_prediction_options, write_records
+from fsclip.cli._common import add_prediction_options, positive_int, write_records
 
 
 def add_parser(sub) -> None:
@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights dtype (default: the one the adapter was fitted with)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
     add_prediction_options(p)
     p.set_defaults(func=run)
 
