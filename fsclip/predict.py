@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from fsclip._paths import display_path
 from fsclip.backends import Backend
 from fsclip.encode import iter_encoded
 from fsclip.errors import UsageError
@@ -23,7 +24,7 @@ UNKNOWN = "unknown"
 
 
 def _name(item) -> str:
-    return f"<image {id(item):x}>" if isinstance(item, Image.Image) else str(item)
+    return f"<image {id(item):x}>" if isinstance(item, Image.Image) else display_path(item)
 
 
 def top_predictions(

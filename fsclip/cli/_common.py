@@ -9,7 +9,11 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TextIO
+
+from fsclip._paths import display_path
+from fsclip.errors import UsageError
 
 DEFAULT_MODEL = os.environ.get("FSCLIP_MODEL", "ViT-B-32@laion2b_s34b_b79k")
 
@@ -79,6 +83,26 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
                    help="table (readable), json (JSON Lines) or csv")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or warnings")
+
+
+def read_inputs(paths: Iterable[str]) -> list[tuple[Path, str | None]]:
+    """The command line's files and folders expanded in order (`fsclip.images.iter_inputs`); a usage error
+    when not one image can be read."""
+    from fsclip.images import iter_inputs
+
+    entries = list(iter_inputs(paths))
+    if not any(reason is None for _, reason in entries):
+        what = "; ".join(f"{display_path(p)}: {why}" for p, why in entries[:3]) or "no image files found"
+        more = f"; and {len(entries) - 3} more" if len(entries) > 3 else ""
+        raise UsageError(f"nothing to classify ({what}{more})")
+    return entries
+
+
+def in_input_order(entries: Iterable[tuple[Path, str | None]], records: Iterator[dict]) -> Iterator[dict]:
+    """One record per entry, in order: `records` (one per readable image, in order) with an error record in
+    the place of each input that could not be read."""
+    for path, reason in entries:
+        yield next(records) if reason is None else {"path": display_path(path), "error": reason}
 
 
 def write_records(records: Iterable[dict], fmt: str, out: TextIO | None = None) -> Iterator[dict]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from itertools import chain
 from pathlib import Path
 
-from fsclip.cli._common import add_prediction_options, positive_int, write_records
+from fsclip.cli._common import (
+    add_prediction_options,
+    in_input_order,
+    positive_int,
+    read_inputs,
+    write_records,
+)
 
 
 def add_parser(sub) -> None:
@@ -29,14 +33,9 @@ def run(args) -> int:
     from fsclip.adapters import load_adapter
     from fsclip.adapters.base import read_header
     from fsclip.backends import load_model
-    from fsclip.images import find_images
     from fsclip.predict import predict_records
 
-    paths, missing = find_images(args.paths)
-    if not paths:
-        what = "; ".join(f"{p}: {why}" for p, why in missing) or "no image files found"
-        print(f"fsclip: error: nothing to classify ({what})", file=sys.stderr)
-        return 2
+    entries = read_inputs(args.paths)
     dtype = None if args.dtype == "auto" else args.dtype
     backend = None
     if args.model:
@@ -45,9 +44,8 @@ def run(args) -> int:
         backend = load_model(args.model, device=args.device, dtype=dtype or recorded)
     adapter = load_adapter(args.adapter, backend=backend, device=args.device, dtype=dtype)
     records = predict_records(
-        adapter.backend, paths, adapter.proba_from_features, adapter.classes, args.top_k, args.threshold,
-        args.batch_size, progress=not args.quiet,
+        adapter.backend, [p for p, reason in entries if reason is None], adapter.proba_from_features,
+        adapter.classes, args.top_k, args.threshold, args.batch_size, progress=not args.quiet,
     )
-    missing_records = [{"path": str(p), "error": why} for p, why in missing]
-    ok = sum("error" not in rec for rec in write_records(chain(missing_records, records), args.format))
+    ok = sum("error" not in rec for rec in write_records(in_input_order(entries, records), args.format))
     return 0 if ok else 1
