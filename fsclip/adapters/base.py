@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fsclip._io import atomic_dir
+from fsclip._outputs import check_output
 from fsclip._version import __version__
 from fsclip.adapters._features import encode_items
 from fsclip.adapters.config import AdapterConfig
@@ -31,7 +32,7 @@ from fsclip.backends import Backend
 from fsclip.data import LabeledImages
 from fsclip.errors import AdapterError, UsageError
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "WEIGHTS_FILE", "Adapter", "BaseModel", "read_header"]
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "WEIGHTS_FILE", "Adapter", "BaseModel", "is_adapter_folder", "read_header"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,15 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
             f"this is fsclip {__version__}, upgrade to load it"
         )
     return header
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """True for a folder holding an fsclip adapter config (what `--overwrite` may replace)."""
+    try:
+        read_header(path)
+    except AdapterError:
+        return False
+    return True
 
 
 class Adapter(ABC):
@@ -156,6 +166,7 @@ class Adapter(ABC):
         tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in self.state_dict().items()}
         meta = {"fsclip_version": __version__, "method": self.name, "base_fingerprint": self.base.fingerprint}
+        check_output(path, "adapter folder", is_adapter_folder, overwrite=overwrite)
         try:
             with atomic_dir(path, overwrite=overwrite) as tmp:
                 save_file(tensors, tmp / WEIGHTS_FILE, metadata=meta)

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from fsclip._outputs import check_output
 from fsclip.cli._common import add_model_options, nonnegative_int, positive_int
 
 DEFAULT_ROOT = os.environ.get("FSCLIP_DATA", "data")
@@ -98,6 +99,8 @@ def run_tasks(args) -> int:
     from fsclip.evaluation.protocol import DATASET_TASK
 
     get_dataset(args.dataset, DATASET_TASK[args.task])  # a wrong name fails before any model loads
+    # result files are named by run id and written atomically into --out: any folder will do, a file not
+    check_output(args.out, "--out", lambda _: True, replaces=False)
     methods = getattr(args, "method", None) or ["tip-adapter"]
     if args.task == "fewshot":
         from fsclip.adapters import get_adapter
@@ -128,7 +131,11 @@ def run_tasks(args) -> int:
 
 def run_report(args) -> int:
     from fsclip.evaluation import build_report, load_results
+    from fsclip.evaluation.report import is_report_folder
 
+    if args.out is not None:
+        check_output(args.out, "--out", is_report_folder, replaces=False,
+                     inputs=[("results folder" if p.is_dir() else "results file", p) for p in args.results])
     report = build_report(load_results(args.results), args.out, plots=args.plots)
     print(report.markdown)
     if args.out is not None:
