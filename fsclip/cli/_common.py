@@ -116,7 +116,7 @@ def write_records(records: Iterable[dict], fmt: str, out: TextIO | None = None) 
         print(f"{'label':<20} {'score':>7}  {'path':<40} others", file=out)
     for rec in records:
         if fmt == "json":
-            print(json.dumps(rec, ensure_ascii=False), file=out)
+            print(json.dumps(rec, ensure_ascii=False, allow_nan=False), file=out)
         elif fmt == "csv":
             if "error" in rec:
                 writer.writerow([rec["path"], "", "", "", rec["error"]])

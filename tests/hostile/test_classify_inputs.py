@@ -51,12 +51,24 @@ def test_user_lists_a_missing_file_between_two_images_and_gets_records_in_input_
     assert paths == [str(a), str(tmp_path / "gone.png"), str(b)]
 
 
-def test_user_classifies_a_folder_1100_levels_deep(tmp_path, tiny_openclip_dir, capsys):
-    deep = tmp_path
-    for _ in range(1100):  # one level at a time: Path.mkdir(parents=True) itself recurses
-        deep = deep / "d"
-        deep.mkdir()
-    _png(deep / "bottom.png")
+@pytest.fixture
+def deep_folder(tmp_path) -> Path:
+    """tmp_path/d/d/.../d (1100 levels), removed one level at a time afterwards: pytest's own recursive
+    cleanup (shutil.rmtree) would hit the recursion limit on it."""
+    levels = [tmp_path]
+    for _ in range(1100):  # Path.mkdir(parents=True) recurses too
+        levels.append(levels[-1] / "d")
+        levels[-1].mkdir()
+    yield levels[-1]
+    for level in reversed(levels[1:]):
+        for f in level.iterdir():
+            if not f.is_dir():
+                f.unlink()
+        level.rmdir()
+
+
+def test_user_classifies_a_folder_1100_levels_deep(tmp_path, deep_folder, tiny_openclip_dir, capsys):
+    _png(deep_folder / "bottom.png")
     _png(tmp_path / "top.png")
     code, out, err = _classify(capsys, tiny_openclip_dir, str(tmp_path), "--format", "json")
     names = [Path(json.loads(line)["path"]).name for line in out.splitlines()]
@@ -103,3 +115,19 @@ def test_user_pipes_classify_into_head(tmp_path, tiny_openclip_dir):
     assert json.loads(first)["path"].endswith("000.png")
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert code == 141, err
+
+
+def test_user_classifies_with_a_model_whose_weights_hold_nan(tmp_path, tiny_openclip_dir, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_openclip_dir, model)
+    weights = model / "open_clip_model.safetensors"
+    tensors = load_file(weights)
+    tensors["text_projection"][0, 0] = float("nan")
+    save_file(tensors, weights)
+    code, out, err = _classify(capsys, model, str(_png(tmp_path / "a.png")), "--format", "json")
+    assert code != 0 and "NaN" not in out
+    assert "NaN or infinite scores" in err and "Traceback" not in err
