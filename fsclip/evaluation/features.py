@@ -42,9 +42,9 @@ def _key(backend: Backend, paths: Sequence[Path]) -> str:
     for p in paths:
         try:
             st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p}\0missing\n".encode())
+            h.update(os.fsencode(p) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # os.fsencode: names that are not valid UTF-8 hash as their bytes
+            h.update(os.fsencode(p) + b"\0missing\n")
     return h.hexdigest()[:32]
 
 
