@@ -144,7 +144,8 @@ def _evaluate(adapter: Adapter, backend: Backend, train: LabeledImages, val: Lab
 
 def load_adapter(path: str | os.PathLike, backend: Backend | None = None, device: str | torch.device = "auto",
                  dtype: str | torch.dtype | None = None) -> Adapter:
-    """Load an adapter folder; without `backend`, its base model is loaded from the spec it recorded.
+    """Load an adapter folder; without `backend`, its base model is loaded from the spec it recorded, on
+    `device` in `dtype` (default: the device's, e.g. fp16 on CUDA, whatever the adapter was fitted in).
 
     Raises:
         AdapterError: not an adapter folder, a damaged one (naming the file and what is wrong), or
@@ -157,8 +158,6 @@ def load_adapter(path: str | os.PathLike, backend: Backend | None = None, device
         cls = get_adapter(header["method"])
     except UsageError as e:
         raise AdapterError(f"{os.path.join(path, CONFIG_FILE)}: {e}") from None
-    if backend is None:
-        base = header["base_model"]
-        # the fingerprint samples the weights in their loaded dtype: load them as they were at fit time
-        backend = load_model(base["spec"], device=device, dtype=dtype or base.get("dtype"))
+    if backend is None:  # the fingerprint does not depend on the dtype: load in the device's default
+        backend = load_model(header["base_model"]["spec"], device=device, dtype=dtype)
     return cls.load(path, backend)

@@ -268,7 +268,7 @@ class Adapter(ABC):
         if header["method"] != cls.name:
             raise AdapterError(f"{str(path)!r} holds a {header['method']!r} adapter, not {cls.name!r}")
         base = BaseModel(**{f.name: header["base_model"][f.name] for f in dataclasses.fields(BaseModel)})
-        if base.fingerprint != backend.fingerprint:
+        if not backend.matches_fingerprint(base.fingerprint):
             what = (f"other weights of {base.spec!r}" if base.spec == backend.spec
                     else f"model {base.spec!r}, not on {backend.spec!r}")
             raise AdapterError(

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
                    help="base model spec, if it moved since fitting (default: the one recorded in the adapter)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="weights dtype (default: the one the adapter was fitted with)")
+                   help="weights dtype (default: fp32 on CPU, fp16 on CUDA, whatever the adapter was fitted in)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
     add_prediction_options(p)
     p.set_defaults(func=run)
@@ -35,14 +35,10 @@ def run(args) -> int:
     from fsclip.backends import load_model
     from fsclip.predict import predict_records
 
+    read_header(args.adapter)  # a missing or damaged adapter folder is reported before anything else loads
     entries = read_inputs(args.paths)
-    dtype = None if args.dtype == "auto" else args.dtype
-    backend = None
-    if args.model:
-        # the weights' fingerprint depends on their dtype: default to the one the adapter was fitted with
-        recorded = read_header(args.adapter)["base_model"].get("dtype")
-        backend = load_model(args.model, device=args.device, dtype=dtype or recorded)
-    adapter = load_adapter(args.adapter, backend=backend, device=args.device, dtype=dtype)
+    backend = load_model(args.model, device=args.device, dtype=args.dtype) if args.model else None
+    adapter = load_adapter(args.adapter, backend=backend, device=args.device, dtype=args.dtype)
     records = predict_records(
         adapter.backend, [p for p, reason in entries if reason is None], adapter.proba_from_features,
         adapter.classes, args.top_k, args.threshold, args.batch_size, progress=not args.quiet,

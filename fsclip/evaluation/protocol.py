@@ -208,7 +208,7 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
     outcomes = []
     for spec in tqdm(specs, desc="runs", unit="run", disable=None if progress and len(specs) > 1 else True):
         existing = find_result(out_dir, spec) if skip_existing else None
-        if existing is not None and existing["model"]["fingerprint"] == backend(spec).fingerprint:
+        if existing is not None and backend(spec).matches_fingerprint(existing["model"]["fingerprint"]):
             logger.info("%s: already done, skipped", spec.run_id)
             outcomes.append(RunOutcome(spec, Path(out_dir) / f"{spec.run_id}.json", existing, True))
             continue
