@@ -94,3 +94,12 @@ def test_user_reports_on_a_result_with_an_unknown_task(tmp_path, capsys):
     assert main(["eval", "report", str(file.parent)]) == 2
     msg = _one_error(capsys)
     assert "unknown task 'segmentation'" in msg and file.name in msg
+
+
+def test_user_evaluates_with_out_an_existing_file(tmp_path, capsys):
+    target = tmp_path / "results"
+    target.write_text("my notes")
+    assert main(["eval", "zeroshot", "--dataset", "shapes-novel", "--root", str(tmp_path), "--out", str(target),
+                 "--model", "/no/such/model", "-q"]) == 2
+    assert "is not a folder" in _one_error(capsys)
+    assert target.read_text() == "my notes"
