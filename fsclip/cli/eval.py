@@ -99,6 +99,10 @@ def run_tasks(args) -> int:
     from fsclip.evaluation.protocol import DATASET_TASK
 
     get_dataset(args.dataset, DATASET_TASK[args.task])  # a wrong name fails before any model loads
+    if args.templates is not None:
+        from fsclip.prompts_io import load_templates
+
+        load_templates(args.templates)
     # result files are named by run id and written atomically into --out: any folder will do, a file not
     check_output(args.out, "--out", lambda _: True, replaces=False)
     methods = getattr(args, "method", None) or ["tip-adapter"]

@@ -101,11 +101,13 @@ def run(args) -> int:
     from fsclip.backends import load_model
     from fsclip.data import load_image_folder, sample_shots
     from fsclip.errors import UsageError
+    from fsclip.prompts_io import load_templates
 
     if args.method != AUTO:
         get_adapter(args.method)  # unknown names fail here, before any loading
     if args.merge is not None and args.method not in ("lora", "auto"):
         raise UsageError(f"--merge applies to method lora only, not {args.method!r}")
+    load_templates(args.templates)  # a bad set or file fails now, not after training
     _check_paths(args)
     data = load_image_folder(args.train)
     if args.val is not None:
