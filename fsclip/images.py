@@ -46,6 +46,18 @@ class ImageLoadError(DataError):
     """One image that could not be used; the message is the reason."""
 
 
+def find_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files of `iter_inputs(paths)`, and `(path, reason)` for the inputs that cannot be read."""
+    found: list[Path] = []
+    missing: list[tuple[Path, str]] = []
+    for path, reason in iter_inputs(paths, recursive):
+        if reason is None:
+            found.append(path)
+        else:
+            missing.append((path, reason))
+    return found, missing
+
+
 def iter_inputs(paths: Iterable[str | os.PathLike], recursive: bool = True) -> Iterator[tuple[Path, str | None]]:
     """Expand files and folders, in input order, into `(image path, None)` or `(path, reason)`.
 
@@ -101,18 +113,6 @@ def _walk(root: Path, recursive: bool) -> list[tuple[Path, str | None]]:
                 continue
     found.sort(key=lambda item: item[0])
     return found
-
-
-def find_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The image files of `iter_inputs(paths)`, and `(path, reason)` for the inputs that cannot be read."""
-    found: list[Path] = []
-    missing: list[tuple[Path, str]] = []
-    for path, reason in iter_inputs(paths, recursive):
-        if reason is None:
-            found.append(path)
-        else:
-            missing.append((path, reason))
-    return found, missing
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
