@@ -168,19 +168,6 @@ class Adapter(ABC):
         self.temperature = 1.0
         self.metrics: dict[str, Any] = {}
 
-    @property
-    def temperature(self) -> float:
-        """Softmax temperature from calibration: always a finite number > 0 (0 would give NaN scores, a
-        negative one would invert the ranking)."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        value = float(value)
-        if not (math.isfinite(value) and value > 0):
-            raise AdapterError(f"temperature must be a finite number > 0, got {value}")
-        self._temperature = value
-
     # -- fitting
     @classmethod
     @abstractmethod
@@ -197,6 +184,19 @@ class Adapter(ABC):
     def proba_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """(N, D) features -> (N, C) calibrated class probabilities (softmax of logits / temperature)."""
         return (self.logits_from_features(features) / self.temperature).softmax(dim=-1)
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature from calibration: always a finite number > 0 (0 would give NaN scores, a
+        negative one would invert the ranking)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise AdapterError(f"temperature must be a finite number > 0, got {value}")
+        self._temperature = value
 
     def encode(self, images: Sequence[Item], progress: bool = False, batch_size: int = 32) -> torch.Tensor:
         """(N, D) features of `images` (paths or PIL) from `self.backend`; a `DataError` names unreadable files."""
