@@ -10,6 +10,7 @@ import functools
 import io
 import logging
 import os
+import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,7 @@ __all__ = [
     "ImageLoadError",
     "decoder_hint",
     "find_images",
+    "iter_inputs",
     "iter_batches",
     "load_image",
     "register_decoders",
@@ -86,26 +88,72 @@ def decoder_hint(path) -> str | None:
 
 
 def find_images(paths: Iterable[str | os.PathLike], recursive: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Expand files and folders into image files, sorted per folder.
-
-    Returns the image paths and `(path, reason)` for inputs that don't exist. A file named explicitly is
-    kept whatever its extension (it may still fail to decode, and is then reported).
-    """
+    """The image files of `iter_inputs(paths)`, and `(path, reason)` for the inputs that cannot be read."""
     found: list[Path] = []
     missing: list[tuple[Path, str]] = []
+    for path, reason in iter_inputs(paths, recursive):
+        if reason is None:
+            found.append(path)
+        else:
+            missing.append((path, reason))
+    return found, missing
+
+
+def iter_inputs(paths: Iterable[str | os.PathLike], recursive: bool = True) -> Iterator[tuple[Path, str | None]]:
+    """Expand files and folders, in input order, into `(image path, None)` or `(path, reason)`.
+
+    A folder gives its image files sorted by path (hidden entries skipped, symlinked folders not
+    followed), with a folder it cannot read reported in its place. A file named explicitly is kept
+    whatever its extension (it may still fail to decode, and is then reported); a name that is
+    missing or not a regular file (a FIFO, a device) comes back with the reason.
+    """
     for raw in paths:
         p = Path(raw)
-        if p.is_dir():
-            walker = p.rglob("*") if recursive else p.glob("*")
-            found.extend(
-                sorted(f for f in walker if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            )
-        elif p.is_file():
-            found.append(p)
+        try:
+            mode = p.stat().st_mode
+        except FileNotFoundError:
+            yield p, "no such file or folder"
+            continue
+        except OSError as e:
+            yield p, f"cannot read: {(e.strerror or type(e).__name__).lower()}"
+            continue
+        if stat.S_ISDIR(mode):
+            yield from _walk(p, recursive)
+        elif stat.S_ISREG(mode):
+            yield p, None
         else:
-            missing.append((p, "no such file or folder"))
-    return found, missing
+            yield p, f"not a regular file ({_KINDS.get(stat.S_IFMT(mode), 'special file')})"
+
+
+_KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device"}
+
+
+def _walk(root: Path, recursive: bool) -> list[tuple[Path, str | None]]:
+    # iterative: folder depth is the user's, not bounded by Python's recursion limit
+    found: list[tuple[Path, str | None]] = []
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError as e:
+            found.append((folder, f"cannot read folder: {(e.strerror or type(e).__name__).lower()}"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        stack.append(Path(entry.path))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    found.append((Path(entry.path), None))
+            except OSError:  # vanished while listing
+                continue
+    found.sort(key=lambda item: item[0])
+    return found
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from fsclip._paths import display_path
 from fsclip.backends import Backend
 from fsclip.encode import iter_encoded
-from fsclip.errors import UsageError
+from fsclip.errors import FsclipError, UsageError
 
 __all__ = ["UNKNOWN", "predict_records", "top_predictions"]
 
@@ -23,7 +24,7 @@ UNKNOWN = "unknown"
 
 
 def _name(item) -> str:
-    return f"<image {id(item):x}>" if isinstance(item, Image.Image) else str(item)
+    return f"<image {id(item):x}>" if isinstance(item, Image.Image) else display_path(item)
 
 
 def top_predictions(
@@ -62,6 +63,11 @@ def predict_records(
         if batch.indices:
             with torch.inference_mode():
                 probs = proba(batch.features).float().cpu()
+            finite = torch.isfinite(probs).all(dim=-1)
+            if not bool(finite.all()):  # never a NaN score in the output: JSON has no NaN, and it ranks nothing
+                first = batch.indices[int((~finite).nonzero()[0])]
+                raise FsclipError(f"the model or adapter gave NaN or infinite scores for {_name(items[first])}; "
+                                  "its weights are damaged")
             for i, rec in zip(batch.indices, top_predictions(probs, labels, top_k, threshold)):
                 records[i] = {"path": _name(items[i]), **rec}
         for i in sorted(records):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
+import stat
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 from fsclip.errors import UsageError
 
-__all__ = ["fill", "list_templates", "load_templates"]
+__all__ = ["fill", "list_templates", "load_templates", "read_text_file"]
 
 PLACEHOLDER = "{}"
 
@@ -22,6 +25,33 @@ def _bundled() -> dict[str, object]:
 def list_templates() -> list[str]:
     """Names of the template sets shipped with fsclip."""
     return sorted(_bundled())
+
+
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """The text of a small user file (labels, templates): UTF-8, with or without a BOM, or UTF-16 with a
+    BOM (what Windows editors save as "Unicode"). Anything else is a one-line `UsageError` naming `what`."""
+    path = Path(path)
+    name = repr(str(path))
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"{what} {name} is a folder, not a file")
+        if not stat.S_ISREG(mode):  # a FIFO would block the read forever
+            raise UsageError(f"{what} {name} is not a regular file")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {name} not found") from None
+    except OSError as e:
+        raise UsageError(f"{what} {name} cannot be read: {e.strerror or e}") from None
+    encoding = "utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "save it as UTF-8") from None
+    if "\x00" in text:
+        raise UsageError(f"{what} {name} is a binary file, not text")
+    return text
 
 
 def _validate(templates: Sequence[str], where: str) -> list[str]:
@@ -39,14 +69,12 @@ def load_templates(name_or_path: str | Sequence[str] = "imagenet80") -> list[str
         return _validate(name_or_path, "templates")
     bundled = _bundled()
     if name_or_path in bundled:
-        data = json.loads(bundled[name_or_path].read_text())
+        data = json.loads(bundled[name_or_path].read_text(encoding="utf-8"))
         return _validate(data["templates"], name_or_path)
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UsageError(f"template file {str(path)!r} not found") from None
+            data = json.loads(read_text_file(path, "template file"))
         except json.JSONDecodeError as e:
             raise UsageError(f"template file {str(path)!r} is not valid JSON: {e}") from None
         templates = data.get("templates") if isinstance(data, dict) else data

@@ -30,12 +30,12 @@ from fsclip.adapters._calibration import expected_calibration_error, fit_tempera
 from fsclip.adapters._data import check_pair, check_trainable, holdout_split
 from fsclip.adapters._features import encode_items
 from fsclip.adapters.advisor import Advice, AdvisorConfig, advise
-from fsclip.adapters.base import Adapter, read_header
+from fsclip.adapters.base import CONFIG_FILE, Adapter, read_header
 from fsclip.adapters.config import AdapterConfig
 from fsclip.adapters.registry import AUTO, get_adapter, list_adapters, list_methods, register_adapter
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
-from fsclip.errors import UsageError
+from fsclip.errors import AdapterError, UsageError
 from fsclip.prompts_io import load_templates
 from fsclip.zeroshot import build_text_classifier
 
@@ -144,17 +144,20 @@ def _evaluate(adapter: Adapter, backend: Backend, train: LabeledImages, val: Lab
 
 def load_adapter(path: str | os.PathLike, backend: Backend | None = None, device: str | torch.device = "auto",
                  dtype: str | torch.dtype | None = None) -> Adapter:
-    """Load an adapter folder; without `backend`, its base model is loaded from the spec it recorded.
+    """Load an adapter folder; without `backend`, its base model is loaded from the spec it recorded, on
+    `device` in `dtype` (default: the device's, e.g. fp16 on CUDA, whatever the adapter was fitted in).
 
     Raises:
-        AdapterError: not an adapter folder, or `backend` is not the model the adapter was fitted on.
+        AdapterError: not an adapter folder, a damaged one (naming the file and what is wrong), or
+            `backend` is not the model the adapter was fitted on.
     """
     from fsclip.backends import load_model
 
     header = read_header(path)
-    cls = get_adapter(header["method"])
-    if backend is None:
-        base = header["base_model"]
-        # the fingerprint samples the weights in their loaded dtype: load them as they were at fit time
-        backend = load_model(base["spec"], device=device, dtype=dtype or base.get("dtype"))
+    try:
+        cls = get_adapter(header["method"])
+    except UsageError as e:
+        raise AdapterError(f"{os.path.join(path, CONFIG_FILE)}: {e}") from None
+    if backend is None:  # the fingerprint does not depend on the dtype: load in the device's default
+        backend = load_model(header["base_model"]["spec"], device=device, dtype=dtype)
     return cls.load(path, backend)

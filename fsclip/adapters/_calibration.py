@@ -1,4 +1,4 @@
-"""Temperature scaling (Guo et al., 2017) and expected calibration error."""
+"""Temperature scaling (Guo et al., 2017); the ECE it is judged by lives in `fsclip.calibration`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from fsclip.calibration import expected_calibration_error
+from fsclip.errors import AdapterError
 
 __all__ = ["expected_calibration_error", "fit_temperature"]
 
@@ -19,6 +22,9 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, prior_std: floa
     NLL drives T to 0 and probabilities to 1; the prior keeps T near 1 until the data say otherwise.
     """
     logits, targets = logits.detach().float().cpu().clone(), targets.detach().cpu()
+    if not bool(torch.isfinite(logits).all()):
+        raise AdapterError("the adapter gives NaN or infinite logits on the validation images (the fit "
+                           "diverged); try a lower learning rate")
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
@@ -30,17 +36,6 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, prior_std: floa
 
     with torch.enable_grad():
         opt.step(closure)
-    return float(log_t.detach().clamp(*_LOG_T_RANGE).exp())
-
-
-def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
-    """Top-label ECE: sum over equal-width confidence bins of |accuracy - confidence| weighted by bin size."""
-    conf, pred = probs.detach().float().cpu().max(dim=-1)
-    correct = (pred == targets.cpu()).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (conf > lo) & (conf <= hi)
-        if inside.any():
-            ece += inside.float().mean() * (correct[inside].mean() - conf[inside].mean()).abs()
-    return float(ece)
+    log_t = float(log_t.detach())
+    # finite logits keep the optimum finite; a NaN step would still reach here, and T = 1 is the safe answer
+    return math.exp(min(max(log_t, _LOG_T_RANGE[0]), _LOG_T_RANGE[1])) if math.isfinite(log_t) else 1.0

@@ -14,11 +14,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fsclip._io import atomic_dir
+from fsclip._outputs import check_output
 from fsclip.backends import Backend
 from fsclip.backends.registry import resolve_spec
 from fsclip.errors import AdapterError, UsageError
 
-__all__ = ["write_model_folder"]
+__all__ = ["is_merged_model_folder", "write_model_folder"]
+
+MERGE_NOTE = "fsclip_merge.json"
 
 
 def _openclip_config(spec: str, model: nn.Module) -> dict:
@@ -51,7 +54,20 @@ def _write_transformers(backend: Backend, model: nn.Module, folder: Path, note: 
     # the backend keeps its processor and tokenizer private; they are what makes the folder loadable
     backend._processor.save_pretrained(folder)
     backend._tokenizer.save_pretrained(folder)
-    (folder / "fsclip_merge.json").write_text(json.dumps(note, indent=2) + "\n")
+    (folder / MERGE_NOTE).write_text(json.dumps(note, indent=2) + "\n")
+
+
+def is_merged_model_folder(path: str | os.PathLike) -> bool:
+    """True for a model folder `write_model_folder` wrote: its note is in `fsclip_merge.json` (transformers)
+    or under the `fsclip` key of `open_clip_config.json`."""
+    path = Path(path)
+    if (path / MERGE_NOTE).is_file():
+        return True
+    try:
+        config = json.loads((path / "open_clip_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("fsclip"), dict) and "merged_from" in config["fsclip"]
 
 
 _WRITERS = {"open_clip": _write_openclip, "transformers": _write_transformers}
@@ -65,6 +81,7 @@ def write_model_folder(backend: Backend, model: nn.Module, path: str | os.PathLi
     except KeyError:
         raise AdapterError(f"cannot write merged models for backend {backend.name!r}; "
                            f"supported: {', '.join(sorted(_WRITERS))}") from None
+    check_output(path, "merged model folder", is_merged_model_folder, overwrite=overwrite)
     try:
         with atomic_dir(path, overwrite=overwrite) as tmp:
             writer(backend, model, tmp, note)

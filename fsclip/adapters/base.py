@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fsclip._io import atomic_dir
+from fsclip._outputs import check_output
 from fsclip._version import __version__
 from fsclip.adapters._features import encode_items
 from fsclip.adapters.config import AdapterConfig
@@ -31,7 +33,7 @@ from fsclip.backends import Backend
 from fsclip.data import LabeledImages
 from fsclip.errors import AdapterError, UsageError
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "WEIGHTS_FILE", "Adapter", "BaseModel", "read_header"]
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "WEIGHTS_FILE", "Adapter", "BaseModel", "is_adapter_folder", "read_header"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,23 +61,91 @@ class BaseModel:
         return cls(spec, backend.name, backend.fingerprint, str(backend.dtype).removeprefix("torch."))
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed `adapter_config.json` of an adapter folder, or a one-line `AdapterError`."""
-    file = Path(path) / CONFIG_FILE
+def _load_json(file: Path) -> Any:
     try:
-        header = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"{str(path)!r} is not an fsclip adapter folder (no {CONFIG_FILE})") from None
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{file} is not valid JSON: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise AdapterError(f"{file} is not valid JSON: {e}") from None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_header(header: Any, file: Path) -> dict[str, Any]:
+    """Every field `load` relies on, with the type it needs: a hand-edited or damaged config is one line."""
     if not isinstance(header, dict) or "method" not in header or "base_model" not in header:
         raise AdapterError(f"{file} is not an fsclip adapter config (no method or base_model)")
-    if header.get("format", 0) > FORMAT:
-        raise AdapterError(
-            f"{str(path)!r} was written by fsclip {header.get('fsclip_version')} (format {header['format']}); "
-            f"this is fsclip {__version__}, upgrade to load it"
-        )
+    fmt = header.get("format")
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise AdapterError(f"{file}: unknown format {fmt!r} (this fsclip writes format {FORMAT})")
+    if fmt > FORMAT:
+        raise AdapterError(f"{file} was written by fsclip {header.get('fsclip_version')} (format {fmt}); "
+                           f"this is fsclip {__version__}, upgrade to load it")
+    if not isinstance(header["method"], str):
+        raise AdapterError(f"{file}: method must be a name, got {header['method']!r}")
+    base = header["base_model"]
+    if not isinstance(base, dict):
+        raise AdapterError(f"{file}: base_model must be an object, got {base!r}")
+    for key in (f.name for f in dataclasses.fields(BaseModel)):
+        if not isinstance(base.get(key), str) or not base[key]:
+            raise AdapterError(f"{file}: base_model.{key} is missing or not a string")
+    classes = header.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        raise AdapterError(f"{file}: classes must be a list of at least 2 names")
+    if len(set(classes)) != len(classes):
+        raise AdapterError(f"{file}: classes has duplicates: "
+                           f"{', '.join(sorted({c for c in classes if classes.count(c) > 1}))}")
+    if not isinstance(header.get("config"), dict) or not isinstance(header.get("state", {}), dict):
+        raise AdapterError(f"{file}: config and state must be objects")
+    t = header.get("state", {}).get("temperature", 1.0)
+    if not _is_number(t) or not math.isfinite(t) or t <= 0:
+        raise AdapterError(f"{file}: temperature must be a finite number > 0, got {t!r}")
     return header
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated `adapter_config.json` of an adapter folder, or a one-line `AdapterError`."""
+    folder = Path(path)
+    if not folder.is_dir():
+        if folder.exists():
+            raise AdapterError(f"{str(path)!r} is a file; give the adapter folder that `fsclip fit --out` wrote")
+        raise AdapterError(f"adapter folder {str(path)!r} not found")
+    file = folder / CONFIG_FILE
+    try:
+        header = _load_json(file)
+    except FileNotFoundError:
+        raise AdapterError(f"{str(path)!r} is not an fsclip adapter folder (no {CONFIG_FILE})") from None
+    except OSError as e:
+        raise AdapterError(f"cannot read {file}: {e.strerror or e}") from None
+    return _check_header(header, file)
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """True for a folder holding an fsclip adapter config, even a damaged one (what `--overwrite` may
+    replace); PEFT's own `adapter_config.json` has no `base_model`."""
+    try:
+        header = _load_json(Path(path) / CONFIG_FILE)
+    except (OSError, AdapterError):
+        return False
+    return isinstance(header, dict) and "method" in header and "base_model" in header and "fsclip_version" in header
+
+
+def _read_metrics(file: Path) -> dict[str, Any]:
+    """`metrics.json`, or {} with a warning: it reports the fit and is never needed to predict."""
+    try:
+        metrics = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring %s: %s", file, e)
+        return {}
+    if not isinstance(metrics, dict):
+        logger.warning("ignoring %s: not a JSON object", file)
+        return {}
+    return metrics
 
 
 class Adapter(ABC):
@@ -114,6 +184,19 @@ class Adapter(ABC):
     def proba_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """(N, D) features -> (N, C) calibrated class probabilities (softmax of logits / temperature)."""
         return (self.logits_from_features(features) / self.temperature).softmax(dim=-1)
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature from calibration: always a finite number > 0 (0 would give NaN scores, a
+        negative one would invert the ranking)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise AdapterError(f"temperature must be a finite number > 0, got {value}")
+        self._temperature = value
 
     def encode(self, images: Sequence[Item], progress: bool = False, batch_size: int = 32) -> torch.Tensor:
         """(N, D) features of `images` (paths or PIL) from `self.backend`; a `DataError` names unreadable files."""
@@ -156,11 +239,18 @@ class Adapter(ABC):
         tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in self.state_dict().items()}
         meta = {"fsclip_version": __version__, "method": self.name, "base_fingerprint": self.base.fingerprint}
+        check_output(path, "adapter folder", is_adapter_folder, overwrite=overwrite)
+        try:  # strict JSON: a NaN would make the files unreadable to every other JSON parser
+            config_text = json.dumps(header, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+            metrics_text = json.dumps(self.metrics, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        except ValueError:
+            raise AdapterError(f"not saving {self.name} adapter: its state or metrics contain NaN or infinity "
+                               f"({self.metrics.get('val_accuracy')}); the fit diverged") from None
         try:
             with atomic_dir(path, overwrite=overwrite) as tmp:
                 save_file(tensors, tmp / WEIGHTS_FILE, metadata=meta)
-                (tmp / CONFIG_FILE).write_text(json.dumps(header, indent=2, ensure_ascii=False) + "\n")
-                (tmp / METRICS_FILE).write_text(json.dumps(self.metrics, indent=2, ensure_ascii=False) + "\n")
+                (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+                (tmp / METRICS_FILE).write_text(metrics_text, encoding="utf-8")
         except FileExistsError:
             raise UsageError(f"{str(path)!r} already exists; choose another folder or overwrite it") from None
         logger.info("saved %s adapter to %s", self.name, path)
@@ -168,30 +258,54 @@ class Adapter(ABC):
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: Backend) -> Adapter:
-        """Load an adapter folder onto `backend`, which must be the model it was fitted on."""
+        """Load an adapter folder onto `backend`, which must be the model it was fitted on.
+
+        Everything is checked before use; a damaged or hand-edited folder is an `AdapterError` naming the
+        file and what is wrong. `metrics.json` is informational: a damaged one only logs a warning.
+        """
         header = read_header(path)
+        folder = Path(path)
         if header["method"] != cls.name:
             raise AdapterError(f"{str(path)!r} holds a {header['method']!r} adapter, not {cls.name!r}")
-        base = BaseModel(**header["base_model"])
-        if base.fingerprint != backend.fingerprint:
+        base = BaseModel(**{f.name: header["base_model"][f.name] for f in dataclasses.fields(BaseModel)})
+        if not backend.matches_fingerprint(base.fingerprint):
+            what = (f"other weights of {base.spec!r}" if base.spec == backend.spec
+                    else f"model {base.spec!r}, not on {backend.spec!r}")
             raise AdapterError(
-                f"adapter {str(path)!r} was fitted on model {base.spec!r} (fingerprint {base.fingerprint}), "
-                f"not on {backend.spec!r} (fingerprint {backend.fingerprint}); load it with its own base model"
+                f"adapter {str(path)!r} was fitted on {what} (fingerprint {base.fingerprint} then, "
+                f"{backend.fingerprint} now); load it with its own base model"
             )
         try:
             config = cls.config_class.from_dict(header["config"])
-        except ValueError as e:
-            raise AdapterError(f"{str(path)!r}: invalid config: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise AdapterError(f"{folder / CONFIG_FILE}: invalid config: {e}") from None
+        weights = folder / WEIGHTS_FILE
         try:
-            tensors = load_file(Path(path) / WEIGHTS_FILE)
+            tensors = load_file(weights)
         except FileNotFoundError:
             raise AdapterError(f"{str(path)!r} has no {WEIGHTS_FILE}") from None
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for torn files
+            raise AdapterError(f"{weights} is damaged (truncated or not safetensors): {e}") from None
+        bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if bad:
+            raise AdapterError(f"{weights} is damaged: tensor(s) {', '.join(bad)} hold NaN or infinity")
         state = dict(header.get("state", {}))
-        temperature = float(state.pop("temperature", 1.0))
-        adapter = cls.from_state(backend, header["classes"], config, tensors, state, base)
+        temperature = state.pop("temperature", 1.0)
+        classes = header["classes"]
+        try:
+            adapter = cls.from_state(backend, classes, config, tensors, state, base)
+            with torch.inference_mode():  # one probe: the weights must score exactly the listed classes
+                probe = adapter.logits_from_features(torch.zeros(1, backend.embed_dim, device=backend.device))
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:
+            if isinstance(e, AdapterError):
+                raise
+            raise AdapterError(f"{weights} does not fit {CONFIG_FILE} ({len(classes)} classes): "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if tuple(probe.shape) != (1, len(classes)):
+            raise AdapterError(f"{folder / CONFIG_FILE} lists {len(classes)} classes but {WEIGHTS_FILE} scores "
+                               f"{probe.shape[-1]}; the class list was edited or the files are from different fits")
         adapter.temperature = temperature
-        metrics_file = Path(path) / METRICS_FILE
-        adapter.metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        adapter.metrics = _read_metrics(folder / METRICS_FILE)
         return adapter
 
     def __repr__(self) -> str:

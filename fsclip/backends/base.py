@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from functools import cached_property
@@ -12,7 +15,33 @@ import torch
 from PIL import Image
 from torch import nn
 
+from fsclip._cache import cache_dir
+from fsclip._io import atomic_write
+
 __all__ = ["Backend"]
+
+logger = logging.getLogger(__name__)
+
+_SAMPLES = 64  # values hashed per tensor
+
+
+def _samples(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
+    """Per state-dict entry: its shape and a strided sample of up to 64 values, as fp32 on the CPU."""
+    out = {}
+    for key, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES)
+        out[key] = (tuple(tensor.shape), flat[::step][:_SAMPLES].to("cpu", torch.float32).contiguous())
+    return out
+
+
+def _digest(samples: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(samples):
+        shape, values = samples[key]
+        h.update(f"{key}:{shape}".encode())
+        h.update(values.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class Backend(ABC):
@@ -29,6 +58,9 @@ class Backend(ABC):
         self.model = model
         self.device = device
         self.dtype = dtype
+        # the weights as loaded in low precision: `fingerprint` looks up their fp32 hash only while unchanged
+        low = any(t.is_floating_point() and t.dtype != torch.float32 for t in model.state_dict().values())
+        self._loaded_digest = _digest(_samples(model)) if low else None
 
     # -- what the model is
     @property
@@ -62,15 +94,53 @@ class Backend(ABC):
 
     @cached_property
     def fingerprint(self) -> str:
-        """Short hash of the weights: names, shapes and a strided sample of every tensor."""
-        h = hashlib.sha256()
-        for key, tensor in sorted(self.model.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // 64)
-            sample = flat[::step][:64].to("cpu", torch.float32).contiguous()
-            h.update(f"{key}:{tuple(tensor.shape)}".encode())
-            h.update(sample.numpy().tobytes())
-        return h.hexdigest()[:16]
+        """Short hash of the weights as stored: names, shapes and a strided sample of every tensor, in fp32.
+
+        The same weights loaded in fp32, fp16 or bf16 have one fingerprint, so indexes, caches and
+        adapters move between a CPU (fp32) and a GPU (fp16). Low precision cannot give back the fp32
+        values, so a model loaded in fp16/bf16 is reloaded once in fp32 on the CPU and compared sample by
+        sample (rounded to the loaded dtypes); the answer is remembered on disk per weights and dtype.
+        Weights changed after loading (an adapted copy) hash as they are.
+        """
+        samples = _samples(self.model)
+        direct = _digest(samples)
+        if self._loaded_digest is None or direct != self._loaded_digest:
+            return direct  # fp32 already, or weights changed since loading
+        memo = cache_dir("fingerprints") / f"{direct}.txt"
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            known = memo.read_text(encoding="ascii").strip()
+            if re.fullmatch(r"[0-9a-f]{16}", known):
+                return known
+        found = self._stored_fingerprint(samples) or direct
+        with contextlib.suppress(OSError), atomic_write(memo, "w") as f:
+            f.write(found + "\n")
+        return found
+
+    def _stored_fingerprint(self, samples: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> str | None:
+        """The fp32 fingerprint of `self.spec`, if its fp32 weights round to exactly what is loaded here."""
+        from fsclip.backends import load_model
+
+        logger.info("fingerprinting %s: reloading it once in fp32 on the CPU", self.spec)
+        try:
+            reference = load_model(self.spec, device="cpu", dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001 - any failure only costs the dtype independence
+            logger.warning("cannot reload %s in fp32 to fingerprint its stored weights (%s); its fingerprint "
+                           "depends on the dtype %s", self.spec, e, self.dtype)
+            return None
+        loaded = {k: v.dtype for k, v in self.model.state_dict().items()}
+        ref = _samples(reference.model)
+        if ref.keys() != samples.keys() or any(ref[k][0] != samples[k][0] for k in ref):
+            return None
+        for key, (_, values) in ref.items():
+            rounded = values.to(loaded[key]).to(torch.float32) if loaded[key].is_floating_point else values
+            if not torch.equal(rounded, samples[key][1]):
+                return None
+        return reference.fingerprint
+
+    def matches_fingerprint(self, recorded: str) -> bool:
+        """True when `recorded` (from an index, adapter or result) names these weights: the fingerprint, or
+        the dtype-dependent one fsclip 0.1.0 recorded for a model loaded in fp16/bf16."""
+        return recorded in (self.fingerprint, _digest(_samples(self.model)))
 
     # -- inputs
     @abstractmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from fsclip._version import __version__
@@ -16,8 +17,15 @@ __all__ = ["main"]
 COMMANDS = ("classify", "fit", "predict", "index", "search", "serve", "embed", "eval", "demo")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is the one line every fsclip error is: `fsclip: error: ...`, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"fsclip: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fsclip", description="Zero-shot, few-shot and search with CLIP models.")
+    parser = _Parser(prog="fsclip", description="Zero-shot, few-shot and search with CLIP models.")
     parser.add_argument("--version", action="version", version=f"fsclip {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -32,9 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    """After a broken pipe (`fsclip ... | head`): point stdout at /dev/null, so the interpreter's final
+    flush cannot raise again (the recipe in Python's signal documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file descriptor behind stdout (e.g. captured in tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage error (already printed), --help or --version
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     quiet = getattr(args, "quiet", False)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fsclip: %(levelname)s: %(message)s"))
@@ -53,3 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fsclip: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as `yes | head` does
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, the shell's status for a process ended by a closed pipe

@@ -5,12 +5,62 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TextIO
 
+from fsclip._paths import display_path
+from fsclip.errors import UsageError
+
 DEFAULT_MODEL = os.environ.get("FSCLIP_MODEL", "ViT-B-32@laion2b_s34b_b79k")
+
+
+# argparse `type=` validators: a bad value is a one-line usage error before anything loads
+def positive_int(text: str) -> int:
+    """An integer >= 1 (batch sizes, counts, K)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in [0, 1] (score thresholds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
 
 
 def add_model_options(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
@@ -19,12 +69,12 @@ def add_model_options(p: argparse.ArgumentParser, default: str | None = DEFAULT_
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights/compute dtype (default: fp32 on CPU, fp16 on CUDA)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
 
 
 def add_prediction_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-k", type=int, default=5, help="predictions per image (default: 5)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--top-k", type=positive_int, default=5, help="predictions per image (default: 5)")
+    p.add_argument("--threshold", type=probability, default=None,
                    help="answer 'unknown' when the best score is below this probability")
     add_output_options(p)
 
@@ -33,6 +83,26 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
                    help="table (readable), json (JSON Lines) or csv")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or warnings")
+
+
+def read_inputs(paths: Iterable[str]) -> list[tuple[Path, str | None]]:
+    """The command line's files and folders expanded in order (`fsclip.images.iter_inputs`); a usage error
+    when not one image can be read."""
+    from fsclip.images import iter_inputs
+
+    entries = list(iter_inputs(paths))
+    if not any(reason is None for _, reason in entries):
+        what = "; ".join(f"{display_path(p)}: {why}" for p, why in entries[:3]) or "no image files found"
+        more = f"; and {len(entries) - 3} more" if len(entries) > 3 else ""
+        raise UsageError(f"nothing to classify ({what}{more})")
+    return entries
+
+
+def in_input_order(entries: Iterable[tuple[Path, str | None]], records: Iterator[dict]) -> Iterator[dict]:
+    """One record per entry, in order: `records` (one per readable image, in order) with an error record in
+    the place of each input that could not be read."""
+    for path, reason in entries:
+        yield next(records) if reason is None else {"path": display_path(path), "error": reason}
 
 
 def write_records(records: Iterable[dict], fmt: str, out: TextIO | None = None) -> Iterator[dict]:
@@ -46,7 +116,7 @@ def write_records(records: Iterable[dict], fmt: str, out: TextIO | None = None) 
         print(f"{'label':<20} {'score':>7}  {'path':<40} others", file=out)
     for rec in records:
         if fmt == "json":
-            print(json.dumps(rec, ensure_ascii=False), file=out)
+            print(json.dumps(rec, ensure_ascii=False, allow_nan=False), file=out)
         elif fmt == "csv":
             if "error" in rec:
                 writer.writerow([rec["path"], "", "", "", rec["error"]])

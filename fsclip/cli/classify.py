@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from itertools import chain
-
-from fsclip.cli._common import add_model_options, add_prediction_options, write_records
+from fsclip.cli._common import (
+    add_model_options,
+    add_prediction_options,
+    in_input_order,
+    read_inputs,
+    write_records,
+)
 
 
 def add_parser(sub) -> None:
@@ -14,11 +17,12 @@ def add_parser(sub) -> None:
     p.add_argument("paths", nargs="+", help="image files and/or folders (walked recursively)")
     labels = p.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,bird"')
-    labels.add_argument("--labels-file", help="file with one class name per line")
-    p.add_argument("--templates", default="imagenet80",
-                   help="template set name (see --list-templates) or a JSON file (default: imagenet80)")
-    p.add_argument("--template", action="append", default=None,
-                   help='inline template with {} for the label, e.g. "a photo of a {}."; repeatable')
+    labels.add_argument("--labels-file", help="file with one class name per line (UTF-8, or UTF-16 with a BOM)")
+    templates = p.add_mutually_exclusive_group()
+    templates.add_argument("--templates", default=None,
+                           help="template set name or a JSON file (default: imagenet80)")
+    templates.add_argument("--template", action="append", default=None,
+                           help='inline template with {} for the label, e.g. "a photo of a {}."; repeatable')
     add_model_options(p)
     add_prediction_options(p)
     p.set_defaults(func=run)
@@ -26,22 +30,18 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from fsclip.backends import load_model
-    from fsclip.images import find_images
     from fsclip.predict import predict_records
+    from fsclip.prompts_io import load_templates
     from fsclip.zeroshot import ZeroShotClassifier, parse_labels
 
     labels = parse_labels(args.labels, args.labels_file)
-    paths, missing = find_images(args.paths)
-    if not paths:
-        what = "; ".join(f"{p}: {why}" for p, why in missing) or "no image files found"
-        print(f"fsclip: error: nothing to classify ({what})", file=sys.stderr)
-        return 2
+    templates = load_templates(args.template or args.templates or "imagenet80")
+    entries = read_inputs(args.paths)
     backend = load_model(args.model, device=args.device, dtype=args.dtype)
-    clf = ZeroShotClassifier(backend, labels, args.template or args.templates)
+    clf = ZeroShotClassifier(backend, labels, templates, progress=not args.quiet)
     records = predict_records(
-        backend, paths, clf.predict_proba, labels, args.top_k, args.threshold, args.batch_size,
-        progress=not args.quiet,
+        backend, [p for p, reason in entries if reason is None], clf.predict_proba, labels, args.top_k,
+        args.threshold, args.batch_size, progress=not args.quiet,
     )
-    missing_records = [{"path": str(p), "error": why} for p, why in missing]
-    ok = sum("error" not in rec for rec in write_records(chain(missing_records, records), args.format))
+    ok = sum("error" not in rec for rec in write_records(in_input_order(entries, records), args.format))
     return 0 if ok else 1

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fsclip.errors import UsageError
-
 MARKER = ".fsclip-demo"
 
 
@@ -22,6 +20,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from fsclip._io import atomic_dir
+    from fsclip._outputs import check_output
     from fsclip.backends import load_model
     from fsclip.predict import predict_records
     from fsclip.shapes import heldout_combos, seen_combos, write_folder
@@ -30,8 +29,8 @@ def run(args) -> int:
     held = heldout_combos()
     combos = seen_combos()[:: max(1, len(seen_combos()) // 8)][:8] + held
     classes = {f"{c} {s}": [(c, s)] for c, s in combos}
-    if args.out.exists() and not (args.out / MARKER).exists():
-        raise UsageError(f"{str(args.out)!r} exists and was not written by fsclip demo; choose another --out")
+    # the demo replaces its own folder on every run, and nothing else
+    check_output(args.out, "--out", lambda p: (p / MARKER).is_file(), overwrite=True, writer="fsclip demo")
     with atomic_dir(args.out, overwrite=True) as tmp:
         write_folder(tmp, classes, args.per_combo, seed=args.seed)
         (tmp / MARKER).write_text("written by fsclip demo; safe to delete\n")

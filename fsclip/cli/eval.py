@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from fsclip.cli._common import add_model_options
+from fsclip._outputs import check_output
+from fsclip.cli._common import add_model_options, nonnegative_int, positive_int
 
 DEFAULT_ROOT = os.environ.get("FSCLIP_DATA", "data")
 
@@ -29,8 +30,8 @@ def add_parser(sub) -> None:
     _add_run_options(fs)
     fs.add_argument("--method", action="append", default=None, metavar="METHOD",
                     help="adapter (repeatable; see `fsclip fit --help`), default: tip-adapter")
-    fs.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="K values (default: 1 2 4 8 16)")
-    fs.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
+    fs.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="K values (default: 1 2 4 8 16)")
+    fs.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
     fs.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="adapter option, e.g. iters=200 or lr=1e-4 (value read as JSON if it parses); repeatable")
     fs.set_defaults(func=run_tasks, task="fewshot")
@@ -98,6 +99,12 @@ def run_tasks(args) -> int:
     from fsclip.evaluation.protocol import DATASET_TASK
 
     get_dataset(args.dataset, DATASET_TASK[args.task])  # a wrong name fails before any model loads
+    if args.templates is not None:
+        from fsclip.prompts_io import load_templates
+
+        load_templates(args.templates)
+    # result files are named by run id and written atomically into --out: any folder will do, a file not
+    check_output(args.out, "--out", lambda _: True, replaces=False)
     methods = getattr(args, "method", None) or ["tip-adapter"]
     if args.task == "fewshot":
         from fsclip.adapters import get_adapter
@@ -128,7 +135,11 @@ def run_tasks(args) -> int:
 
 def run_report(args) -> int:
     from fsclip.evaluation import build_report, load_results
+    from fsclip.evaluation.report import is_report_folder
 
+    if args.out is not None:
+        check_output(args.out, "--out", is_report_folder, replaces=False,
+                     inputs=[("results folder" if p.is_dir() else "results file", p) for p in args.results])
     report = build_report(load_results(args.results), args.out, plots=args.plots)
     print(report.markdown)
     if args.out is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fsclip.cli._common import add_model_options
+from fsclip.cli._common import add_model_options, nonnegative_int, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -23,11 +23,11 @@ def add_parser(sub) -> None:
     p.add_argument("--val", type=Path, default=None,
                    help="validation folder with the same classes (default: min(k, 4) images per class held out "
                         "of the training folder)")
-    p.add_argument("--shots", type=int, default=None, help="use K randomly chosen training images per class")
-    p.add_argument("--seed", type=int, default=0, help="seed for --shots, the split and training (default: 0)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (methods that train)")
-    p.add_argument("--iters", type=int, default=None, help="training steps (LoRA, fine-tuning)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (methods that train)")
+    p.add_argument("--shots", type=positive_int, default=None, help="use K randomly chosen training images per class")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for --shots, the split and training (default: 0)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (methods that train)")
+    p.add_argument("--iters", type=positive_int, default=None, help="training steps (LoRA, fine-tuning)")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (methods that train)")
     p.add_argument("--templates", default="imagenet80",
                    help="prompt template set or JSON file for the class names (default: imagenet80)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -46,23 +46,73 @@ def _options(args) -> dict:
     return {"templates": args.templates, "seed": args.seed, **{k: v for k, v in given.items() if v is not None}}
 
 
+def _check_paths(args) -> None:
+    """Every output checked against the inputs and each other before anything loads or trains."""
+    from fsclip._outputs import check_output, check_separate
+    from fsclip.adapters._export import is_merged_model_folder
+    from fsclip.adapters.base import is_adapter_folder
+
+    inputs = [("training folder", args.train), ("validation folder", args.val)]
+    check_separate([("--out", args.out), ("--merge", args.merge)])
+    check_output(args.out, "--out", is_adapter_folder, overwrite=args.overwrite, inputs=inputs)
+    if args.merge is not None:
+        check_output(args.merge, "--merge", is_merged_model_folder, overwrite=args.overwrite, inputs=inputs)
+
+
+def _check_disjoint(train, val) -> None:
+    """Refuse validation images that are training images (same file, or same bytes under another name):
+    accuracy on them says nothing, and calibration on them is overconfident."""
+    import hashlib
+    import os
+
+    from fsclip._paths import display_path
+    from fsclip.errors import UsageError
+
+    def digest(path) -> str:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    seen = {os.path.realpath(p): p for p in train.paths}
+    shared = [(v, seen[os.path.realpath(v)]) for v in val.paths if os.path.realpath(v) in seen]
+    if not shared:  # same bytes under another name: hash only the files whose sizes collide
+        by_size: dict[int, list] = {}
+        for p in train.paths:
+            by_size.setdefault(os.path.getsize(p), []).append(p)
+        hashes = {}
+        for v in val.paths:
+            candidates = by_size.get(os.path.getsize(v), [])
+            if not candidates:
+                continue
+            mine = digest(v)
+            for t in candidates:
+                if t not in hashes:
+                    hashes[t] = digest(t)
+                if hashes[t] == mine:
+                    shared.append((v, t))
+                    break
+    if shared:
+        v, t = shared[0]
+        raise UsageError(f"{len(shared)} validation image(s) are also training images (e.g. {display_path(v)!r} = "
+                         f"{display_path(t)!r}); --val must hold other images than the training folder")
+
+
 def run(args) -> int:
     from fsclip.adapters import AUTO, fit, get_adapter, holdout_split
     from fsclip.backends import load_model
     from fsclip.data import load_image_folder, sample_shots
     from fsclip.errors import UsageError
+    from fsclip.prompts_io import load_templates
 
     if args.method != AUTO:
         get_adapter(args.method)  # unknown names fail here, before any loading
-
-    for folder in (args.out, args.merge):
-        if folder is not None and folder.exists() and not args.overwrite:
-            raise UsageError(f"{str(folder)!r} already exists; choose another folder or pass --overwrite")
     if args.merge is not None and args.method not in ("lora", "auto"):
         raise UsageError(f"--merge applies to method lora only, not {args.method!r}")
+    load_templates(args.templates)  # a bad set or file fails now, not after training
+    _check_paths(args)
     data = load_image_folder(args.train)
     if args.val is not None:
         val = load_image_folder(args.val, classes=list(data.classes))
+        _check_disjoint(data, val)
         train = sample_shots(data, args.shots, args.seed) if args.shots else data
     else:
         train, val = holdout_split(data, args.shots, args.seed)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from itertools import chain
 from pathlib import Path
 
-from fsclip.cli._common import add_prediction_options, write_records
+from fsclip.cli._common import (
+    add_prediction_options,
+    in_input_order,
+    positive_int,
+    read_inputs,
+    write_records,
+)
 
 
 def add_parser(sub) -> None:
@@ -19,8 +23,8 @@ def add_parser(sub) -> None:
                    help="base model spec, if it moved since fitting (default: the one recorded in the adapter)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="weights dtype (default: the one the adapter was fitted with)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+                   help="weights dtype (default: fp32 on CPU, fp16 on CUDA, whatever the adapter was fitted in)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
     add_prediction_options(p)
     p.set_defaults(func=run)
 
@@ -29,25 +33,15 @@ def run(args) -> int:
     from fsclip.adapters import load_adapter
     from fsclip.adapters.base import read_header
     from fsclip.backends import load_model
-    from fsclip.images import find_images
     from fsclip.predict import predict_records
 
-    paths, missing = find_images(args.paths)
-    if not paths:
-        what = "; ".join(f"{p}: {why}" for p, why in missing) or "no image files found"
-        print(f"fsclip: error: nothing to classify ({what})", file=sys.stderr)
-        return 2
-    dtype = None if args.dtype == "auto" else args.dtype
-    backend = None
-    if args.model:
-        # the weights' fingerprint depends on their dtype: default to the one the adapter was fitted with
-        recorded = read_header(args.adapter)["base_model"].get("dtype")
-        backend = load_model(args.model, device=args.device, dtype=dtype or recorded)
-    adapter = load_adapter(args.adapter, backend=backend, device=args.device, dtype=dtype)
+    read_header(args.adapter)  # a missing or damaged adapter folder is reported before anything else loads
+    entries = read_inputs(args.paths)
+    backend = load_model(args.model, device=args.device, dtype=args.dtype) if args.model else None
+    adapter = load_adapter(args.adapter, backend=backend, device=args.device, dtype=args.dtype)
     records = predict_records(
-        adapter.backend, paths, adapter.proba_from_features, adapter.classes, args.top_k, args.threshold,
-        args.batch_size, progress=not args.quiet,
+        adapter.backend, [p for p, reason in entries if reason is None], adapter.proba_from_features,
+        adapter.classes, args.top_k, args.threshold, args.batch_size, progress=not args.quiet,
     )
-    missing_records = [{"path": str(p), "error": why} for p, why in missing]
-    ok = sum("error" not in rec for rec in write_records(chain(missing_records, records), args.format))
+    ok = sum("error" not in rec for rec in write_records(in_input_order(entries, records), args.format))
     return 0 if ok else 1

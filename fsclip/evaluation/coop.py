@@ -48,17 +48,18 @@ def _check_exist(paths: list[Path], where: str) -> None:
 def read_split_file(file: Path, image_dir: Path) -> tuple[LabeledImages, LabeledImages, LabeledImages]:
     """CoOp's `split_zhou_*.json`: `{"train"|"val"|"test": [[relative path, label, class name], ...]}`."""
     try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(raw, dict) or any(not isinstance(raw.get(s), list) for s in SPLITS):
         raise DataError(f"{file} must map train, val and test to lists of [path, label, class name]")
     names: dict[int, str] = {}
     for split in SPLITS:
         for item in raw[split]:
-            if not (isinstance(item, list) and len(item) == 3):
-                raise DataError(f"{file}: {split} entry {item!r} is not [path, label, class name]")
-            label, name = int(item[1]), str(item[2]).replace("_", " ")
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[2], str)
+                    and isinstance(item[1], int) and not isinstance(item[1], bool)):
+                raise DataError(f"{file}: {split} entry {item!r} is not [path, integer label, class name]")
+            label, name = item[1], item[2].replace("_", " ")
             if names.setdefault(label, name) != name:
                 raise DataError(f"{file}: label {label} is both {names[label]!r} and {name!r}")
     if sorted(names) != list(range(len(names))):

@@ -38,13 +38,14 @@ class SplitFeatures:
 
 
 def _key(backend: Backend, paths: Sequence[Path]) -> str:
-    h = hashlib.sha256(f"{backend.name}:{backend.fingerprint}:{backend.image_size}".encode())
+    # the fingerprint is dtype-independent; features computed in fp16 are not those of fp32
+    h = hashlib.sha256(f"{backend.name}:{backend.fingerprint}:{backend.dtype}:{backend.image_size}".encode())
     for p in paths:
         try:
             st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p}\0missing\n".encode())
+            h.update(os.fsencode(p) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # os.fsencode: names that are not valid UTF-8 hash as their bytes
+            h.update(os.fsencode(p) + b"\0missing\n")
     return h.hexdigest()[:32]
 
 

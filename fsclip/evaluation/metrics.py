@@ -8,26 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["calibration_bins", "classification_metrics", "expected_calibration_error", "retrieval_metrics"]
+from fsclip.calibration import calibration_bins, ece_from_bins
 
-
-def calibration_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> dict[str, list[float]]:
-    """Equal-width bins of the top-1 confidence: per bin the count, the summed confidence and the number
-    correct. Sums rather than means, so bins from several runs (seeds) pool exactly."""
-    conf, pred = probs.max(dim=-1)
-    correct = (pred == targets).double()
-    which = torch.clamp((conf.double() * bins).long(), max=bins - 1)
-    return {
-        "count": torch.bincount(which, minlength=bins).tolist(),
-        "confidence_sum": torch.bincount(which, weights=conf.double(), minlength=bins).tolist(),
-        "correct_sum": torch.bincount(which, weights=correct, minlength=bins).tolist(),
-    }
-
-
-def expected_calibration_error(bins: Mapping[str, Sequence[float]]) -> float:
-    """ECE (Guo et al. 2017): count-weighted mean |accuracy - confidence| over the bins."""
-    total = sum(bins["count"])
-    return sum(abs(a - c) for a, c in zip(bins["correct_sum"], bins["confidence_sum"])) / max(total, 1)
+__all__ = ["calibration_bins", "classification_metrics", "ece_from_bins", "retrieval_metrics"]
 
 
 def classification_metrics(
@@ -61,7 +44,7 @@ def classification_metrics(
         "per_class_recall": recall,
         "group_recall": group_recall,
         "nll": float(F.nll_loss(probs.clamp_min(1e-12).log(), targets)) if len(targets) else 0.0,
-        "ece": expected_calibration_error(cal),
+        "ece": ece_from_bins(cal),
         "calibration": cal,
         "confusion": confusion.tolist() if num <= confusion_max_classes else None,
     }

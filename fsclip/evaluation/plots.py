@@ -10,6 +10,7 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fsclip.evaluation.metrics import ece_from_bins
 from fsclip.evaluation.results import ZERO_SHOT
 
 __all__ = [
@@ -147,7 +148,7 @@ def plot_reliability(groups: Mapping[str, Sequence[Record]]):
                width=width, color="red", alpha=0.3, label="gap")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         total = sum(pooled["count"])
-        ece = sum(abs(c - s) for c, s in zip(pooled["correct_sum"], pooled["confidence_sum"])) / max(total, 1)
+        ece = ece_from_bins(pooled)
         ax.set_title(f"{label}\nECE {100 * ece:.1f}% ({total} predictions)", fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)

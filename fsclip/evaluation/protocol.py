@@ -83,7 +83,13 @@ def _classification_record(spec, backend, data: ClassificationData, probs, targe
 
 
 def _test_features(backend: Backend, data: ClassificationData, batch_size: int, progress: bool):
+    if len(data.test) == 0:  # a metric over no images would read as 0% accuracy, not as the mistake it is
+        raise DataError(f"dataset {data.name!r} has an empty test split ({data.source})")
     feats = split_features(backend, data.test.paths, f"{data.name}-test", batch_size=batch_size, progress=progress)
+    if len(feats.indices) == 0:
+        path, why = feats.errors[0]
+        raise DataError(f"dataset {data.name!r}: none of the {len(data.test)} test images could be read "
+                        f"(e.g. {path}: {why})")
     targets = torch.tensor(data.test.targets, dtype=torch.long)[feats.indices]
     return feats, targets
 
@@ -133,6 +139,8 @@ def run_retrieval(spec: RunSpec, backend: Backend, data: CaptionData, batch_size
                   progress: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
     feats = split_features(backend, data.paths, f"{data.name}-images", batch_size=batch_size, progress=progress)
+    if len(feats.indices) == 0:
+        raise DataError(f"dataset {data.name!r}: no readable captioned images ({data.source})")
     position = {int(i): n for n, i in enumerate(feats.indices.tolist())}  # image index -> feature row
     texts, owners = [], []
     for i, caps in enumerate(data.captions):
@@ -200,7 +208,7 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
     outcomes = []
     for spec in tqdm(specs, desc="runs", unit="run", disable=None if progress and len(specs) > 1 else True):
         existing = find_result(out_dir, spec) if skip_existing else None
-        if existing is not None and existing["model"]["fingerprint"] == backend(spec).fingerprint:
+        if existing is not None and backend(spec).matches_fingerprint(existing["model"]["fingerprint"]):
             logger.info("%s: already done, skipped", spec.run_id)
             outcomes.append(RunOutcome(spec, Path(out_dir) / f"{spec.run_id}.json", existing, True))
             continue

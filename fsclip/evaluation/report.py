@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fsclip._io import atomic_write
+from fsclip._outputs import check_output
 from fsclip.errors import UsageError
 from fsclip.evaluation.plots import (
     curves,
@@ -25,11 +26,21 @@ from fsclip.evaluation.plots import (
 )
 from fsclip.evaluation.results import ZERO_SHOT
 
-__all__ = ["Report", "build_report", "csv_rows", "markdown_tables"]
+__all__ = ["Report", "build_report", "csv_rows", "is_report_folder", "markdown_tables"]
 
 logger = logging.getLogger(__name__)
 
 Record = Mapping[str, Any]
+TITLE = "# fsclip evaluation report"
+
+
+def is_report_folder(path: str | Path) -> bool:
+    """True for a folder holding a `report.md` that `build_report` wrote (what a new report may replace)."""
+    try:
+        with open(Path(path) / "report.md", encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == TITLE
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -188,6 +199,7 @@ def build_report(records: Sequence[Record], out_dir: str | Path | None = None, p
     if out_dir is None:
         return Report(tables, ())
     out = Path(out_dir)
+    check_output(out, "report folder", is_report_folder, replaces=False)
     out.mkdir(parents=True, exist_ok=True)
     files = []
     if plots:
@@ -196,7 +208,7 @@ def build_report(records: Sequence[Record], out_dir: str | Path | None = None, p
         except ImportError:
             raise UsageError("plots need matplotlib: pip install 'fsclip[eval]', or pass --no-plots") from None
     figures = _plots(records, out) if plots else []
-    md = "# fsclip evaluation report\n\n" + tables
+    md = f"{TITLE}\n\n" + tables
     if figures:
         md += "\n## Plots\n\n" + "\n\n".join(f"**{cap}**\n\n![{cap}]({p.name})" for cap, p in figures) + "\n"
         files += [p for _, p in figures]

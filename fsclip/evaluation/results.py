@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -94,27 +95,99 @@ class RunSpec:
 
 
 def write_result(out_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
-    """Write `record` to `out_dir/<run id>.json` atomically."""
+    """Write `record` to `out_dir/<run id>.json` atomically; a NaN metric is an error, never written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{record['run']['run_id']}.json"
+    try:
+        text = json.dumps(record, indent=1, ensure_ascii=False, default=str, allow_nan=False) + "\n"
+    except ValueError:
+        raise DataError(f"run {record['run']['run_id']}: a metric is NaN or infinite; no result written") from None
     with atomic_write(path, "w") as f:
-        json.dump(record, f, indent=1, ensure_ascii=False, default=str)
-        f.write("\n")
+        f.write(text)
     return path
+
+
+def _kind(value: Any, kind: str) -> bool:
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "count":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    if kind == "text":
+        return isinstance(value, str)
+    if kind == "text or null":
+        return value is None or isinstance(value, str)
+    if kind == "numbers":
+        return isinstance(value, list) and all(_kind(v, "number") for v in value)
+    return isinstance(value, dict)  # "object"
+
+
+_RUN = {"run_id": "text", "task": "text", "dataset": "text", "method": "text", "shots": "count", "seed": "count"}
+_MODEL = {"spec": "text", "fingerprint": "text"}
+_CLASSIFICATION = {"n": "count", "top1": "number", "mean_per_class_recall": "number", "ece": "number",
+                   "calibration": "object"}
+
+
+def _check(record: dict[str, Any], path: Path) -> None:
+    """The fields reports and plots read, with their types: a wrong one is a `DataError` naming the file."""
+    def need(where: str, fields: dict[str, str]) -> None:
+        part = record
+        for key in where.split(".") if where else ():
+            part = part.get(key) if isinstance(part, dict) else None
+        if not isinstance(part, dict):
+            raise DataError(f"result file {str(path)!r}: {where} must be an object")
+        for key, kind in fields.items():
+            if not _kind(part.get(key), kind):
+                value = repr(part.get(key))[:40] if key in part else "missing"
+                raise DataError(f"result file {str(path)!r}: {where}.{key} must be a {kind}, got {value}")
+
+    need("run", _RUN)
+    need("model", _MODEL)
+    need("metrics", {})
+    task = record["run"]["task"]
+    if task not in TASKS:
+        raise DataError(f"result file {str(path)!r}: unknown task {task!r}; this fsclip reports {', '.join(TASKS)}")
+    need("run", {"templates": "text or null"} if "templates" in record["run"] else {})
+    need("run", {"options": "object"} if "options" in record["run"] else {})
+    if task == RETRIEVAL:
+        need("dataset", {"n_images": "count", "n_captions": "count"})
+        recalls = {k: v for k, v in record["metrics"].items() if "_R@" in k}
+        if not recalls or not all(_kind(v, "number") for v in recalls.values()):
+            raise DataError(f"result file {str(path)!r}: metrics must hold numeric image_to_text_R@K and "
+                            "text_to_image_R@K values")
+        return
+    need("metrics", _CLASSIFICATION)
+    need("metrics.calibration", {"count": "numbers", "confidence_sum": "numbers", "correct_sum": "numbers"})
+    need("metrics", {"group_recall": "object"} if "group_recall" in record["metrics"] else {})
+    if any(v is not None and not _kind(v, "number") for v in record["metrics"].get("group_recall", {}).values()):
+        raise DataError(f"result file {str(path)!r}: metrics.group_recall values must be numbers or null")
+    if record["metrics"].get("confusion") is not None:
+        need("dataset", {})
+        if not isinstance(record["dataset"].get("classes"), list):
+            raise DataError(f"result file {str(path)!r}: a confusion matrix needs dataset.classes")
+    if task == "fewshot":
+        need("timing", {"fit_seconds": "number"})
 
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"result file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise DataError(f"result file {str(path)!r} is a folder") from None
+    except OSError as e:
+        raise DataError(f"result file {str(path)!r} cannot be read: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"result file {str(path)!r} is not valid JSON: {e}") from None
     if not isinstance(record, dict) or not {"schema", "run", "metrics"} <= set(record):
         raise DataError(f"{str(path)!r} is not an fsclip evaluation result (no schema, run or metrics)")
-    if record["schema"] > SCHEMA:
-        raise DataError(f"{str(path)!r} has result schema {record['schema']}; this fsclip reads up to {SCHEMA}")
+    schema = record["schema"]
+    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
+        raise DataError(f"result file {str(path)!r}: unknown schema {schema!r}")
+    if schema > SCHEMA:
+        raise DataError(f"{str(path)!r} has result schema {schema}; this fsclip reads up to {SCHEMA}")
+    _check(record, path)
     return record
 
 

@@ -164,6 +164,15 @@ def test_existing_out_is_not_overwritten(folders, adapter_dir, capsys):
     assert "already exists" in _error(capsys) and (adapter_dir / "adapter_model.safetensors").read_bytes() == before
 
 
+def test_overwrite_replaces_an_adapter_folder(folders, adapter_dir, tmp_path, capsys):
+    out = tmp_path / "again"
+    shutil.copytree(adapter_dir, out)
+    assert main(["fit", str(folders / "train"), "--model", "shapes", "--method", "linear-probe", "--out", str(out),
+                 "--overwrite", "--templates", "shapes", "--device", "cpu", "-q"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["method"] == "linear-probe"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no temp or .old folder left
+
+
 def test_adapter_on_another_base_model_is_refused(adapter_dir, folders, tiny_openclip_dir, capsys):
     assert main(["predict", str(folders / "test"), "--adapter", str(adapter_dir), "--model", str(tiny_openclip_dir),
                  "--device", "cpu", "-q"]) == 2

@@ -159,7 +159,7 @@ def test_unreadable_test_image_is_left_out_and_counted(shapes_root, tmp_path, pn
     (["retrieval", "--dataset", "dtd"], "dataset 'dtd' is for classification, not retrieval; choose one of: captions"),
     (["fewshot", "--dataset", "shapes-novel", "--method", "lorra"], "unknown method 'lorra'; choose one of: auto,"),
     (["fewshot", "--dataset", "shapes-novel", "--option", "iters"], "--option takes KEY=VALUE, got 'iters'"),
-    (["fewshot", "--dataset", "shapes-novel", "--shots", "0"], "shots must be an integer >= 1"),
+    (["fewshot", "--dataset", "shapes-novel", "--shots", "0"], "argument --shots: must be >= 1, got 0"),
     (["zeroshot", "--dataset", "dtd"], "dtd/split_zhou_DescribableTextures.json not found"),
 ])
 def test_usage_errors_are_one_line(argv, message, shapes_root, tmp_path, capsys):

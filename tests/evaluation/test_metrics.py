@@ -8,7 +8,7 @@ import torch
 from fsclip.evaluation.metrics import (
     calibration_bins,
     classification_metrics,
-    expected_calibration_error,
+    ece_from_bins,
     retrieval_metrics,
 )
 
@@ -57,7 +57,7 @@ def test_calibration_bins_pool_exactly_over_runs(predictions):
     pooled = {k: [x + y for x, y in zip(a[k], b[k])] for k in a}
     for k in whole:
         assert pooled[k] == pytest.approx(whole[k])
-    assert expected_calibration_error(pooled) == pytest.approx(expected_calibration_error(whole))
+    assert ece_from_bins(pooled) == pytest.approx(ece_from_bins(whole))
 
 
 def test_class_without_test_images_is_left_out_of_the_mean():
