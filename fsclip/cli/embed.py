@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fsclip.cli._common import add_model_options
+from fsclip.cli._common import add_model_options, positive_int
 
 
 def add_parser(sub) -> None:
@@ -23,20 +23,20 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (created; an existing one is resumed)")
     p.add_argument("--runner", choices=["local", "ray"], default="local",
                    help="local: this process; ray: Ray Data tasks and model actors (default: local)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+    p.add_argument("--shard-size", type=positive_int, default=DEFAULT_SHARD_SIZE,
                    help=f"images per Parquet shard, fixed for the life of --out (default: {DEFAULT_SHARD_SIZE})")
     p.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=False,
                    help="store embeddings as float16 (half the bytes; computed in --dtype)")
     p.add_argument("--column", default=None, help="path column of CSV/Parquet sources (default: path, uri or url)")
     add_model_options(p)
     local = p.add_argument_group("local runner")
-    local.add_argument("--workers", type=int, default=None, help="image decoding threads (default: up to 4)")
+    local.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default: up to 4)")
     ray = p.add_argument_group("ray runner")
     ray.add_argument("--address", default=None,
                      help="join this Ray cluster (auto, HOST:6379 or ray://HOST:10001; default: start a local one)")
     ray.add_argument("--num-gpus-per-worker", type=float, default=0.0,
                      help="GPUs per model actor; the pool has one actor per that many GPUs (default: 0, CPU)")
-    ray.add_argument("--actors", type=int, default=None,
+    ray.add_argument("--actors", type=positive_int, default=None,
                      help="model actors (default: one per --num-gpus-per-worker GPUs, else half the cluster's CPUs)")
     p.add_argument("--format", choices=["table", "json"], default="table", help="summary as text or one JSON line")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or warnings")

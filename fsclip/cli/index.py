@@ -8,7 +8,7 @@ import json
 import sys
 
 from fsclip._paths import display_path
-from fsclip.cli._common import DEFAULT_MODEL, add_model_options, add_output_options
+from fsclip.cli._common import DEFAULT_MODEL, add_model_options, add_output_options, positive_int
 
 
 def add_parser(sub) -> None:
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     b.set_defaults(model=None)  # an existing index keeps its own model
     b.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace an existing index instead of extending it")
-    b.add_argument("--ann-threshold", type=int, default=None,
+    b.add_argument("--ann-threshold", type=positive_int, default=None,
                    help="use an approximate (IVF) index from this many images on (default: 50000; new index only)")
     _add_run_options(b)
     b.set_defaults(func=run_build)
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     u.add_argument("index", help="index folder")
     u.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     u.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
-    u.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    u.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
     _add_run_options(u)
     u.set_defaults(func=run_update)
 
@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=None, help="image decoding threads (default: up to 4)")
+    p.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default: up to 4)")
     add_output_options(p)
 
 
@@ -86,27 +86,13 @@ def _print_report(index_path, report, fmt: str) -> None:
     print(f"  {report.seconds:.1f} s")
 
 
-def _check_run_options(args) -> None:
-    """Flags are checked before anything loads or changes (a model can take minutes to load)."""
-    from fsclip.errors import UsageError
-
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {args.workers}")
-
-
 def run_build(args) -> int:
     from pathlib import Path
 
-    from fsclip.errors import UsageError
     from fsclip.search import AnnConfig, ImageIndex
     from fsclip.search._scan import check_root
 
     path = Path(args.index)
-    _check_run_options(args)
-    if args.ann_threshold is not None and args.ann_threshold < 1:
-        raise UsageError(f"--ann-threshold must be >= 1, got {args.ann_threshold}")
     for p in args.paths:  # before creating anything: a typo must not leave an empty index behind
         check_root(p)
     if path.exists() and not args.overwrite:
@@ -128,7 +114,6 @@ def run_build(args) -> int:
 def run_update(args) -> int:
     from fsclip.search import ImageIndex
 
-    _check_run_options(args)
     with ImageIndex.open(args.index, device=args.device, dtype=args.dtype) as index:
         report = index.update(batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
     _print_report(args.index, report, args.format)

@@ -73,9 +73,9 @@ def test_index_build_of_a_fifo_named_like_an_image(tmp_path, tiny_openclip_dir, 
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--batch-size", "0", "--batch-size must be >= 1"),
-    ("--batch-size", "-1", "--batch-size must be >= 1"),
-    ("--workers", "-1", "--workers must be >= 1"),
+    ("--batch-size", "0", "argument --batch-size: must be >= 1"),
+    ("--batch-size", "-1", "argument --batch-size: must be >= 1"),
+    ("--workers", "-1", "argument --workers: must be >= 1"),
 ], ids=["batch-size-0", "batch-size-negative", "workers-negative"])
 def test_index_update_with_a_nonsense_flag(tmp_path, tiny_openclip_dir, capsys, flag, value, message):
     """Refused before the model loads, and no image is left pending by a run that died halfway."""
