@@ -23,6 +23,7 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
+    runtime: ClassVar[str] = "torch"  # what runs the towers' inference; see `fsclip.runtime`
 
     def __init__(self, spec: str, model: nn.Module, device: torch.device, dtype: torch.dtype):
         self.spec = spec
@@ -71,6 +72,12 @@ class Backend(ABC):
             h.update(f"{key}:{tuple(tensor.shape)}".encode())
             h.update(sample.numpy().tobytes())
         return h.hexdigest()[:16]
+
+    @property
+    def features_id(self) -> str:
+        """Names the features `encode_*` compute, for caches: the weights, and the runtime unless torch."""
+        tag = f"{self.name}-{self.fingerprint}"
+        return tag if self.runtime == "torch" else f"{tag}-{self.runtime}"
 
     # -- inputs
     @abstractmethod
