@@ -50,7 +50,7 @@ class _Store:
     """One small safetensors file per (model, image, view)."""
 
     def __init__(self, backend: Backend):
-        self.root = cache_dir("features", f"{backend.name}-{backend.fingerprint}-{backend.image_size}")
+        self.root = cache_dir("features", f"{backend.features_id}-{backend.image_size}")
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"

@@ -36,7 +36,7 @@ def run(args) -> int:
         what = "; ".join(f"{p}: {why}" for p, why in missing) or "no image files found"
         print(f"fsclip: error: nothing to classify ({what})", file=sys.stderr)
         return 2
-    backend = load_model(args.model, device=args.device, dtype=args.dtype)
+    backend = load_model(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime, calibration=paths)
     clf = ZeroShotClassifier(backend, labels, args.template or args.templates)
     records = predict_records(
         backend, paths, clf.predict_proba, labels, args.top_k, args.threshold, args.batch_size,

@@ -53,7 +53,10 @@ def run(args) -> int:
     from fsclip.errors import UsageError
 
     if args.method != AUTO:
-        get_adapter(args.method)  # unknown names fail here, before any loading
+        method = get_adapter(args.method)  # unknown names fail here, before any loading
+        if args.runtime != "torch" and not method.frozen_backbone:
+            raise UsageError(f"--method {args.method} trains the towers, which needs --runtime torch "
+                             f"(runtime {args.runtime} is for inference)")
 
     for folder in (args.out, args.merge):
         if folder is not None and folder.exists() and not args.overwrite:
@@ -66,7 +69,8 @@ def run(args) -> int:
         train = sample_shots(data, args.shots, args.seed) if args.shots else data
     else:
         train, val = holdout_split(data, args.shots, args.seed)
-    backend = load_model(args.model, device=args.device, dtype=args.dtype)
+    backend = load_model(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime,
+                         calibration=train.paths)
     print(f"fitting {args.method} on {len(train)} training and {len(val)} validation images of "
           f"{len(train.classes)} classes with {args.model}")
     adapter = fit(backend, train, args.method, val=val, progress=not args.quiet, **_options(args))

@@ -6,7 +6,7 @@ import sys
 from itertools import chain
 from pathlib import Path
 
-from fsclip.cli._common import add_prediction_options, write_records
+from fsclip.cli._common import add_prediction_options, add_runtime_option, write_records
 
 
 def add_parser(sub) -> None:
@@ -21,14 +21,16 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights dtype (default: the one the adapter was fitted with)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    add_runtime_option(p)
     add_prediction_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from fsclip.adapters import load_adapter
+    from fsclip.adapters import get_adapter, load_adapter
     from fsclip.adapters.base import read_header
     from fsclip.backends import load_model
+    from fsclip.errors import UsageError
     from fsclip.images import find_images
     from fsclip.predict import predict_records
 
@@ -38,11 +40,16 @@ def run(args) -> int:
         print(f"fsclip: error: nothing to classify ({what})", file=sys.stderr)
         return 2
     dtype = None if args.dtype == "auto" else args.dtype
+    header = read_header(args.adapter)
+    if args.runtime != "torch" and not get_adapter(header["method"]).frozen_backbone:
+        raise UsageError(f"a {header['method']} adapter trains the towers, so it predicts with --runtime torch "
+                         "(or fit it with --merge DIR, and use --model DIR with any runtime)")
     backend = None
-    if args.model:
+    if args.model or args.runtime != "torch":
         # the weights' fingerprint depends on their dtype: default to the one the adapter was fitted with
-        recorded = read_header(args.adapter)["base_model"].get("dtype")
-        backend = load_model(args.model, device=args.device, dtype=dtype or recorded)
+        base = header["base_model"]
+        backend = load_model(args.model or base["spec"], device=args.device, dtype=dtype or base.get("dtype"),
+                             runtime=args.runtime, calibration=paths)
     adapter = load_adapter(args.adapter, backend=backend, device=args.device, dtype=dtype)
     records = predict_records(
         adapter.backend, paths, adapter.proba_from_features, adapter.classes, args.top_k, args.threshold,

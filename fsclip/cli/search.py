@@ -6,6 +6,8 @@ import csv
 import json
 import sys
 
+from fsclip.cli._common import add_runtime_option
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("search", help="search an index by text or example image",
@@ -34,6 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="model spec; must be the index's model (default: the index's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
+    add_runtime_option(p)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
                    help="table (readable), json (JSON Lines) or csv")
     p.add_argument("-q", "--quiet", action="store_true", help="no warnings")
@@ -62,7 +65,8 @@ def run(args) -> int:
     if not texts and not args.image:
         raise UsageError("nothing to search for: give a text query, --query TEXT or --image PATH")
     where = _where(args)
-    with ImageIndex.open(args.index, model=args.model, device=args.device, dtype=args.dtype) as index:
+    with ImageIndex.open(args.index, model=args.model, device=args.device, dtype=args.dtype,
+                         runtime=args.runtime) as index:
         hits = index.search(text=texts, image=args.image, negative_text=args.minus,
                             negative_image=args.minus_image, negative_weight=args.negative_weight,
                             k=args.k, where=where)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 import sys
 
+from fsclip.cli._common import add_runtime_option
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="web page and JSON API to search an index",
@@ -17,6 +19,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="model spec; must be the index's model (default: the index's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
+    add_runtime_option(p)
     p.set_defaults(func=run)
 
 
@@ -38,7 +41,7 @@ def run(args) -> int:
         raise UsageError(f"--port must be 0..65535, got {args.port}")
     if not args.max_upload_mb > 0:
         raise UsageError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    index = ImageIndex.open(args.index, model=args.model, device=args.device, dtype=args.dtype)
+    index = ImageIndex.open(args.index, model=args.model, device=args.device, dtype=args.dtype, runtime=args.runtime)
     index.backend  # noqa: B018 - load (and check) the model now, not on the first query
     app = build_app(index, max_upload_bytes=int(args.max_upload_mb * 2**20))
     import uvicorn

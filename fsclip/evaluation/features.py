@@ -38,7 +38,7 @@ class SplitFeatures:
 
 
 def _key(backend: Backend, paths: Sequence[Path]) -> str:
-    h = hashlib.sha256(f"{backend.name}:{backend.fingerprint}:{backend.image_size}".encode())
+    h = hashlib.sha256(f"{backend.features_id}:{backend.image_size}".encode())
     for p in paths:
         try:
             st = os.stat(p)
