@@ -67,11 +67,13 @@ def load_model(spec: str, device: str | torch.device = "auto", dtype: str | torc
         calibration: images to gate an ONNX runtime on the first time it is used (files, folders,
             PIL images); shapes-world renders otherwise.
     """
-    from fsclip.runtime import ORT_RUNTIMES, apply_runtime, check_runtime
+    from fsclip.runtime import ORT_RUNTIMES, apply_runtime, check_runtime, require_onnx
 
     check_runtime(runtime)
-    if runtime in ORT_RUNTIMES and device == "auto":
-        device = "cpu"  # ONNX Runtime runs the CPU build here
+    if runtime in ORT_RUNTIMES:
+        require_onnx(runtime)  # before the (slow) load
+        if device == "auto":
+            device = "cpu"  # ONNX Runtime runs its CPU build here
     resolved = resolve_spec(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

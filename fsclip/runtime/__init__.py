@@ -94,7 +94,8 @@ def _auto(backend: Backend, calibration: Iterable | None) -> Backend:
         except ModelLoadError as e:  # refused by its gate, or not exportable
             refused.append(f"{runtime}: {e}")
             continue
-        logger.warning("runtime auto: %s (gate passed: %s)", runtime, _short(chosen.gate))
+        logger.warning("runtime auto: %s (gate passed: %s)%s", runtime, _short(chosen.gate),
+                       "".join(f"; {r}" for r in refused))
         return chosen
     logger.warning("runtime auto: torch (%s)", "; ".join(refused))
     return backend
