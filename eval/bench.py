@@ -4,7 +4,8 @@
     python -m eval.bench all --quick    # small sizes, to check that everything runs
     python -m eval.bench encode search  # a subset
 
-Each benchmark module (eval.bench_encode, eval.bench_search, eval.bench_fewshot) measures its own
+Each benchmark module (eval.bench_encode, eval.bench_search, eval.bench_fewshot, eval.bench_runtime) measures
+its own
 comparisons in this process and prints Markdown tables; this collects them. Every row of the combined
 table says what was measured, what it was compared with, and the ratio, so that rows from different
 benchmarks read the same way. A module that is missing is skipped with a note.
@@ -50,6 +51,9 @@ BENCHES = (
           quick_argv=("--n", "20000", "--queries", "200", "--uniform-n", "0", "--single-budget", "1",
                       "--rss-sizes", "200", "400", "--repeats", "1")),
     Bench("fewshot", "eval.bench_fewshot", quick_argv=("--classes", "20", "--lora-steps", "0")),
+    Bench("runtime", "eval.bench_runtime",
+          quick_kwargs={"arch": "shapes", "n_images": 16, "n_prompts": 100, "repeats": 1, "per_class": 2},
+          quick_argv=("--quick",)),
 )
 RATIO_HEADER = re.compile(r"speed-?up|ratio|\bvs\b|\bx\b|×", re.IGNORECASE)
 

@@ -12,11 +12,13 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from fsclip.backends.base import Backend
 from fsclip.errors import ModelLoadError, UsageError
 
-__all__ = ["ORT_RUNTIMES", "RUNTIMES", "RuntimeRefused", "apply_runtime", "check_runtime", "require_onnx"]
+__all__ = ["ORT_RUNTIMES", "RUNTIMES", "RuntimeRefused", "apply_runtime", "check_runtime", "export_models",
+           "require_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,22 +122,39 @@ def _prepare(backend: Backend, runtime: str, calibration: Iterable | None) -> Ba
         built = _ensure_models(backend, runtime, folder)
         if "error" in built:
             raise ExportError(built["error"])
-        record = cache.read_gates(folder)
-        if record is None:
+        try:
+            gate = GateResult.from_dict(cache.read_gates(folder)["gate"])
+        except (TypeError, KeyError):  # no record, or a damaged one: gate (again)
             t0 = time.perf_counter()
             candidate = OrtBackend(backend, runtime, folder)
             pixels, source = calibration_pixels(backend, calibration)
             gate = run_gates(backend, candidate, runtime, pixels, source)
-            record = {"passed": gate.passed, "gate": gate.to_dict(), "seconds": round(time.perf_counter() - t0, 2)}
-            cache.write_gates(folder, record)
-        gate = GateResult.from_dict(record["gate"])
+            cache.write_gates(folder, {"gate": gate.to_dict(), "seconds": round(time.perf_counter() - t0, 2)})
         if not gate.passed:
             raise RuntimeRefused(f"runtime {runtime} refused for {backend.spec}: {gate.figures()} "
                                  f"(gated once and recorded in {folder}; use another --runtime)")
         return OrtBackend(backend, runtime, folder, gate.to_dict())
 
 
-def _ensure_models(backend: Backend, runtime: str, folder) -> dict:
+def export_models(backend: Backend, runtime: str) -> Path:
+    """The cache folder holding `backend`'s towers for `runtime`, exported (and quantised) if needed.
+
+    Not gated: for tools and benchmarks that measure a runtime themselves; models go through
+    `apply_runtime`.
+    """
+    from fsclip.runtime import cache
+    from fsclip.runtime.export import ExportError
+
+    require_onnx(runtime)
+    folder = cache.entry_dir(backend, runtime)
+    with cache.locked(folder):
+        built = _ensure_models(backend, runtime, folder)
+    if "error" in built:
+        raise ExportError(built["error"])
+    return folder
+
+
+def _ensure_models(backend: Backend, runtime: str, folder: Path) -> dict:
     """The entry's manifest, building the models first if they are missing or damaged."""
     from fsclip._io import atomic_dir
     from fsclip.runtime import cache

@@ -90,8 +90,7 @@ def write_manifest(folder: Path, data: dict) -> None:
 
 
 def read_gates(folder: Path) -> dict | None:
-    data = _read_json(folder / GATES)
-    return data if data is not None and isinstance(data.get("passed"), bool) else None
+    return _read_json(folder / GATES)
 
 
 def write_gates(folder: Path, record: dict) -> None:

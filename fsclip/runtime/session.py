@@ -9,11 +9,15 @@ import torch
 
 __all__ = ["clear_sessions", "get_session"]
 
-_SESSIONS: dict[tuple[str, int, int], object] = {}
+# ORT's pool threads spin while waiting for work by default. fsclip decodes images in threads while the
+# model runs, and spinning threads take the cores those decoders need (see eval/bench_runtime.py).
+ALLOW_SPINNING = False
+
+_SESSIONS: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 
 
-def _options(threads: int):
+def _options(threads: int, spinning: bool):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -22,6 +26,7 @@ def _options(threads: int):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.log_severity_level = 3  # errors only: ORT's warnings are about its internals
     return so
 
@@ -29,17 +34,19 @@ def _options(threads: int):
 def get_session(path: Path):
     """An `onnxruntime.InferenceSession` for `path` on the CPU, built once per process and thread count.
 
-    A file that is replaced (new inode or mtime) gets a new session.
+    A file that was replaced since (another inode or mtime) gets a new session.
     """
     import onnxruntime as ort
 
-    threads = torch.get_num_threads()
+    threads, spinning = torch.get_num_threads(), ALLOW_SPINNING
     st = Path(path).stat()
-    key = (str(path), threads, st.st_ino ^ st.st_mtime_ns)
+    key = (str(path), st.st_ino, st.st_mtime_ns, threads, spinning)
     with _LOCK:
         session = _SESSIONS.get(key)
         if session is None:
-            session = ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
+            for old in [k for k in _SESSIONS if k[0] == key[0] and k[1:3] != key[1:3]]:
+                del _SESSIONS[old]  # the file was replaced
+            session = ort.InferenceSession(str(path), _options(threads, spinning), providers=["CPUExecutionProvider"])
             _SESSIONS[key] = session
         return session
 
