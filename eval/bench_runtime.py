@@ -193,8 +193,10 @@ def bench_accuracy(per_class: int) -> list[list]:
         data = load_image_folder(Path(tmp) / "test")
         targets = torch.tensor(data.targets)
         top1 = {}
-        for runtime in ("torch", "onnx", "onnx-int8"):
-            backend = load_model("shapes", device="cpu", runtime=runtime)
+        backends = {runtime: load_model("shapes", device="cpu", runtime=runtime)
+                    for runtime in ("torch", "onnx", "onnx-int8")}
+        backends["onnx-int8 static"] = _static_int8(backends["torch"], backends["onnx-int8"], Path(tmp))
+        for runtime, backend in backends.items():
             clf = ZeroShotClassifier(backend, list(data.classes), "shapes", use_cache=False)
             feats, idx, _ = encode_images(backend, list(data.paths))
             top1[runtime] = float((clf.predict_proba(feats).argmax(1) == targets[idx]).float().mean())
@@ -203,6 +205,25 @@ def bench_accuracy(per_class: int) -> list[list]:
             rows.append([runtime, figures, f"{100 * top1[runtime]:.2f}%", "torch", f"{100 * top1['torch']:.2f}%",
                          f"{100 * (top1[runtime] - top1['torch']):+.2f}", f"{len(idx)} images, 48 classes"])
     return rows
+
+
+def _static_int8(torch_backend, dynamic, folder: Path):
+    """The shapes model with a statically quantised image tower (calibrated on 32 renders), gated like the others."""
+    from fsclip.runtime import export_models
+    from fsclip.runtime.gates import _shapes_renders, calibration_pixels, run_gates
+    from fsclip.runtime.ort_backend import OrtBackend
+    from fsclip.runtime.quantize import quantize
+
+    calib = torch.stack([torch_backend.preprocess(im) for im in _shapes_renders(32, seed=1)])
+    out = folder / "static"
+    out.mkdir()
+    quantize(export_models(torch_backend, "onnx") / "image.onnx", out / "image.onnx", "static",
+             calibration=[{"pixels": calib[i : i + 8].numpy()} for i in range(0, 32, 8)])
+    (out / "text.onnx").symlink_to(dynamic.folder / "text.onnx")
+    static = OrtBackend(torch_backend, "onnx-int8", out)
+    pixels, source = calibration_pixels(torch_backend)
+    static.gate = run_gates(torch_backend, static, "onnx-int8", pixels, source).to_dict()
+    return static
 
 
 def _gate_text(gate: dict) -> str:
