@@ -2,6 +2,7 @@
 
     python -m eval.bench_runtime [--images 256] [--prompts 1000] [--batch-size 32]
     python -m eval.bench_runtime --quick      # the shapes model and a few images: checks that it all runs
+    python -m eval.bench_runtime --accuracy-only   # the shapes-world accuracy table alone (no timings)
 
 Speed on open_clip's `ViT-B-32` with random weights (no pretrained tag; speed does not depend on the
 weights), accuracy on the shapes world (the bundled shapes model). Prints Markdown tables of ratios
@@ -275,7 +276,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="the shapes model, 16 images, 100 prompts, 1 repeat")
+    p.add_argument("--accuracy-only", action="store_true",
+                   help="only the shapes-world accuracy table (no timings: fine on a busy machine)")
     args = p.parse_args(argv)
+    if args.accuracy_only:
+        head = ["runtime", "gate", "zero-shot top-1", "baseline", "baseline top-1", "difference vs torch (points)",
+                "note"]
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["FSCLIP_CACHE"] = cache
+            print(markdown_table(head, bench_accuracy(2 if args.quick else 10)))
+        return 0
     if args.quick:
         args.arch, args.images, args.prompts, args.repeats, per_class = "shapes", 16, 100, 1, 2
     else:
