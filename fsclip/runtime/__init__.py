@@ -177,7 +177,13 @@ def _ensure_models(backend: Backend, runtime: str, folder: Path) -> dict:
                     if "error" in fp32:
                         raise ExportError(fp32["error"])
                     for name in (IMAGE_FILE, TEXT_FILE):
-                        quantize(src / name, tmp / name)
+                        try:
+                            quantize(src / name, tmp / name)
+                        except (OSError, MemoryError):
+                            raise
+                        except Exception as e:  # the quantiser's failures are the model's, like the exporter's
+                            text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                            raise ExportError(f"cannot quantise the {name.split('.')[0]} tower: {text}") from e
                 files = sorted(p.name for p in tmp.iterdir() if p.is_file())
             data = cache.manifest(tmp, files)
         except ExportError as e:  # recorded, so the next run refuses at once instead of exporting again

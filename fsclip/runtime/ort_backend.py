@@ -36,6 +36,15 @@ class OrtBackend(Backend):
         self._text = get_session(self.folder / TEXT_FILE)
         self._text_inputs = [i.name for i in self._text.get_inputs()]
 
+    def __getstate__(self) -> dict:
+        # sessions do not pickle; they are rebuilt from the model files (copies, other processes)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_image", "_text")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._image = get_session(self.folder / IMAGE_FILE)
+        self._text = get_session(self.folder / TEXT_FILE)
+
     def __getattr__(self, name: str):
         # backend-specific extras (transform, model_type, ...) come from the wrapped backend
         if name.startswith("__") or name == "base":
