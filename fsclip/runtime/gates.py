@@ -99,12 +99,14 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield Path(folder, name)
 
 
-def _expand(items: Iterable) -> Iterator[str | os.PathLike | Image.Image]:
+def _expand(items: Iterable) -> Iterator[Path | Image.Image]:
     for item in items:
-        if not isinstance(item, Image.Image) and Path(item).is_dir():
-            yield from _walk(Path(item))
-        else:
+        if isinstance(item, Image.Image):
             yield item
+        elif (path := Path(item).expanduser()).is_dir():
+            yield from _walk(path)
+        else:
+            yield path
 
 
 def _shapes_renders(n: int, seed: int = 0) -> list[Image.Image]:

@@ -86,3 +86,24 @@ def test_refusal_through_load_is_one_line_and_recorded(shapes_int8, tmp_path, mo
     assert chosen.runtime == "onnx"
     assert any("runtime auto: onnx" in r.message and "onnx-int8" in r.message for r in caplog.records)
 
+
+
+def test_calibration_takes_your_images_first_and_reads_lazily(shapes_int8, tmp_path):
+    import itertools
+
+    from PIL import Image
+
+    from fsclip.images import load_image
+
+    base = shapes_int8.base
+    (tmp_path / "b").mkdir()
+    (tmp_path / ".hidden").mkdir()
+    for i, where in enumerate(["a.png", "b/c.png", ".hidden/d.png"]):
+        Image.new("RGB", (70, 50), (40 * i, 200, 90)).save(tmp_path / where)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    pixels, source = calibration_pixels(base, [tmp_path], n=6)
+    assert pixels.shape == (6, 3, 64, 64) and source == "2 of your images + 4 shapes-world renders"
+    assert torch.equal(pixels[0], base.preprocess(load_image(tmp_path / "a.png")))
+    # an endless source is read only as far as needed
+    pixels, source = calibration_pixels(base, itertools.repeat(tmp_path / "a.png"), n=3)
+    assert len(pixels) == 3 and source == "3 of your images"
