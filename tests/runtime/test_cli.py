@@ -94,9 +94,10 @@ def test_serve_app_answers_with_an_onnx_runtime(photos, tmp_path):
 
 @pytest.fixture(scope="module")
 def tip_adapter(photos, tmp_path_factory):
+    """Fitted on int8 features: an adapter records the weights, not the runtime, so torch can use it too."""
     out = tmp_path_factory.mktemp("adapters") / "tip"
     assert main(["fit", str(photos), "--model", "shapes", "--method", "tip-adapter", "--out", str(out),
-                 "--templates", "shapes", "--device", "cpu", "-q"]) == 0
+                 "--templates", "shapes", "--runtime", "onnx-int8", "-q"]) == 0
     return out
 
 
