@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fsclip.backends import load_model
+for _module in ("onnx", "onnxruntime", "onnxscript"):  # the 'onnx' extra (make test installs it)
+    pytest.importorskip(_module)
+
+from fsclip.backends import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
