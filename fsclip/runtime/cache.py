@@ -1,8 +1,8 @@
 """Cache entries under `$FSCLIP_CACHE/onnx/`: exported models, their manifest, and their gate record.
 
-One folder per (weights, runtime, versions):
+One folder per (weights, behaviour, runtime, versions):
 
-    <backend>-<fingerprint>-<runtime>-ort<v>-opset<n>-torch<v>-fsclip<v>/
+    <backend>-<fingerprint>-<behaviour>-<runtime>-ort<v>-opset<n>-torch<v>-fsclip<v>/
         image.onnx, text.onnx   (+ .data side files for very large towers)
         models.json             what was written, with sizes; or why export failed
         gates.json              the accuracy gate's figures (written after the models)
@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from fsclip._cache import cache_dir
 from fsclip._io import atomic_write
@@ -38,9 +42,34 @@ def entry_dir(backend: Backend, runtime: str) -> Path:
     from fsclip.runtime.export import OPSET
 
     torch_version = torch.__version__.split("+")[0]
-    key = (f"{backend.name}-{backend.fingerprint}-{runtime}-ort{onnxruntime.__version__}-opset{OPSET}"
-           f"-torch{torch_version}-fsclip{__version__}")
+    key = (f"{backend.name}-{backend.fingerprint}-{behaviour(backend)}-{runtime}-ort{onnxruntime.__version__}"
+           f"-opset{OPSET}-torch{torch_version}-fsclip{__version__}")
     return cache_dir("onnx") / key
+
+
+_BEHAVIOUR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def behaviour(backend: Backend) -> str:
+    """A short hash of what the towers compute on a fixed probe.
+
+    The fingerprint covers the weights only; configuration that changes no weight (a text tower's
+    causal mask or pooling, say) changes the graph, so it must change the cache key too. Features are
+    rounded to 2 decimals, far above run-to-run float noise and far below what a configuration changes.
+    """
+    import torch
+
+    key = _BEHAVIOUR.get(backend.model)
+    if key is None:
+        size = backend.image_size
+        pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 4 - 2
+        with torch.inference_mode():
+            feats = torch.cat([backend.forward_images(pixels.to(backend.device, backend.dtype)).float().cpu(),
+                               backend.forward_texts(backend.tokenize(["a photo of a cat."])).float().cpu()], 1)
+        rounded = np.round(feats.numpy().astype(np.float64), 2) + 0.0  # + 0.0: no negative zeros
+        key = hashlib.sha256(rounded.tobytes()).hexdigest()[:8]
+        _BEHAVIOUR[backend.model] = key
+    return key
 
 
 @contextlib.contextmanager

@@ -67,7 +67,9 @@ def _export(module: nn.Module, args: tuple, names: list[str], dynamic: dict, pat
             program = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False,
                                            prefer_deferred_runtime_asserts_over_guards=True)
         except Exception as e:  # any capture failure becomes one line
-            raise ExportError(f"cannot capture the {what} tower for ONNX: {_first_line(e)}") from e
+            layer = _failing_layer(e, module)
+            raise ExportError(f"cannot capture the {what} tower for ONNX: {_first_line(e)}"
+                              + (f" (layer {layer})" if layer else "")) from e
         try:
             onnx_program = torch.onnx.export(program, args, input_names=names, output_names=["features"],
                                              opset_version=OPSET, dynamo=True, verbose=False, optimize=True)
@@ -112,6 +114,18 @@ def _context_length(backend: Backend) -> int:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _failing_layer(err: BaseException, root: nn.Module) -> str | None:
+    """The innermost module of `root` whose forward was running when `err` was raised."""
+    names = {id(m): name for name, m in root.named_modules()}
+    found, tb = None, err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and names.get(id(owner)):
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return None if found is None else found.removeprefix("model.")
 
 
 _OP = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")

@@ -72,6 +72,36 @@ class _Unexportable(torch.nn.Module):
         return _no_onnx(x)
 
 
+def test_same_weights_other_configuration_gets_its_own_export(tiny_onnx, tiny_openclip_dir, tmp_path):
+    import json
+    import shutil
+
+    cfg = json.loads((tiny_openclip_dir / "open_clip_config.json").read_text())
+    cfg["model_cfg"]["text_cfg"].update(pool_type="last", no_causal_mask=True)  # same weights, other graph
+    shutil.copy(tiny_openclip_dir / "open_clip_model.safetensors", tmp_path)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+    other = load_model(str(tmp_path), runtime="onnx")
+    assert other.fingerprint == tiny_onnx.fingerprint and other.folder != tiny_onnx.folder
+    assert not other.exact_short_text and other.gate["passed"]
+    texts = ["a photo of a cat.", "dog"]
+    assert (other.encode_texts(texts) - other.base.encode_texts(texts)).abs().max() <= 1e-5
+
+
+class _DataDependent(torch.nn.Module):
+    def forward(self, x):
+        return x + 1 if x.sum() > 0 else x - 1  # control flow on values: torch.export cannot capture it
+
+
+def test_uncapturable_model_names_the_layer(tiny_openclip_dir):
+    backend = load_model(str(tiny_openclip_dir), device="cpu")
+    backend.model.visual.ln_post = _DataDependent()
+    with pytest.raises(ExportError) as err:
+        apply_runtime(backend, "onnx")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("cannot capture the image tower for ONNX")
+    assert message.endswith("(layer visual.ln_post)")
+
+
 def test_unexportable_model_names_op_and_layer_and_auto_falls_back(tiny_openclip_dir, caplog):
     backend = load_model(str(tiny_openclip_dir), device="cpu")
     backend.model.visual.ln_post = _Unexportable()  # its weights are gone, so it is another model
