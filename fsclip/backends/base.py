@@ -75,8 +75,9 @@ class Backend(ABC):
 
     @property
     def features_id(self) -> str:
-        """Names the features `encode_*` compute, for caches: the weights, and the runtime unless torch."""
-        tag = f"{self.name}-{self.fingerprint}"
+        """Names the features `encode_*` compute, for caches: the weights, the dtype, and the runtime
+        unless torch (fp16 or int8 features must never stand in for fp32 ones)."""
+        tag = f"{self.name}-{self.fingerprint}-{str(self.dtype).removeprefix('torch.')}"
         return tag if self.runtime == "torch" else f"{tag}-{self.runtime}"
 
     # -- inputs
