@@ -4,8 +4,8 @@
     python -m eval.bench all --quick    # small sizes, to check that everything runs
     python -m eval.bench encode search  # a subset
 
-Each benchmark module (eval.bench_encode, eval.bench_search, eval.bench_fewshot, eval.bench_scale)
-measures its own comparisons and prints Markdown tables (its `main(["--quick"])` is the small run);
+Each benchmark module (eval.bench_encode, eval.bench_search, eval.bench_fewshot, eval.bench_scale,
+eval.bench_runtime) measures its own comparisons and prints Markdown tables (its `main(["--quick"])` is the small run);
 this collects them, each with a fresh, empty FSCLIP_CACHE. Every row of the combined table says what was
 measured, what it was compared with, and the ratio, so that rows from different benchmarks read the
 same way. A module that is missing is skipped with a note. The README's figures are generated from the
@@ -46,6 +46,7 @@ BENCHES = (
     Bench("search", "eval.bench_search"),
     Bench("fewshot", "eval.bench_fewshot"),
     Bench("scale", "eval.bench_scale"),
+    Bench("runtime", "eval.bench_runtime"),
 )
 RATIO_HEADER = re.compile(r"speed-?up|ratio|\bvs\b|\bx\b|×", re.IGNORECASE)
 

@@ -54,7 +54,7 @@ def parse_labels(labels: str | Sequence[str] | None = None, labels_file: str | N
 
 
 def _cache_key(backend: Backend, templates: list[str], labels: list[str]) -> str:
-    blob = json.dumps([backend.name, backend.fingerprint, str(backend.dtype), templates, labels], ensure_ascii=False)
+    blob = json.dumps([backend.features_id, templates, labels], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

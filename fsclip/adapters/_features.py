@@ -50,9 +50,7 @@ class _Store:
     """One small safetensors file per (model, image, view)."""
 
     def __init__(self, backend: Backend):
-        # the fingerprint is dtype-independent; features computed in fp16 are not those of fp32
-        dtype = str(backend.dtype).removeprefix("torch.")
-        self.root = cache_dir("features", f"{backend.name}-{backend.fingerprint}-{dtype}-{backend.image_size}")
+        self.root = cache_dir("features", f"{backend.features_id}-{backend.image_size}")
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"

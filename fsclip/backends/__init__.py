@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterable
 
 import torch
 
@@ -53,21 +54,43 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise UsageError(f"unknown dtype {dtype!r}; choose one of: auto, fp32, fp16, bf16") from None
 
 
-def load_model(spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None) -> Backend:
-    """Load a CLIP-style model from a spec (see `fsclip.backends.registry` for the syntax)."""
+def load_model(spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
+               runtime: str = "torch", calibration: Iterable | None = None) -> Backend:
+    """Load a CLIP-style model from a spec (see `fsclip.backends.registry` for the syntax).
+
+    Args:
+        spec: model spec.
+        device: `auto`, `cpu`, `cuda[:N]`, `mps` or a `torch.device`.
+        dtype: weights/compute dtype; `None`/`auto` picks one for the device.
+        runtime: what runs the towers: `torch`, `onnx` (ONNX Runtime fp32), `onnx-int8`, or `auto`
+            (the fastest gated one on a CPU, torch elsewhere). See `fsclip.runtime`.
+        calibration: images to gate an ONNX runtime on the first time it is used (files, folders,
+            PIL images); shapes-world renders otherwise.
+    """
+    from fsclip.runtime import ORT_RUNTIMES, apply_runtime, check_runtime, require_onnx
+
+    check_runtime(runtime)
+    if runtime in ORT_RUNTIMES:
+        require_onnx(runtime)  # before the (slow) load
+        if device == "auto":
+            device = "cpu"  # ONNX Runtime runs its CPU build here
     resolved = resolve_spec(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if runtime in ORT_RUNTIMES and (dev.type != "cpu" or dt != torch.float32):
+        raise UsageError(f"runtime {runtime} runs fp32 on the CPU, not {dev} {str(dt).removeprefix('torch.')}; "
+                         "use --device cpu --dtype fp32, or --runtime torch")
     cls = get_backend(resolved.backend)
     logger.info("loading %s via %s on %s (%s)", spec, resolved.backend, dev, dt)
     local = os.path.isdir(resolved.target.removeprefix("local-dir:"))
     try:
         with contextlib.nullcontext(False) if local else offline_unless_reachable() as offline:
-            return cls.load(spec, resolved.target, resolved.pretrained, dev, dt)
+            backend = cls.load(spec, resolved.target, resolved.pretrained, dev, dt)
     except ModelLoadError:
         raise
     except (OSError, RuntimeError, ValueError) as e:
         raise ModelLoadError(_load_failure(spec, resolved.target, e, offline)) from e
+    return apply_runtime(backend, runtime, calibration)
 
 
 def _load_failure(spec: str, target: str, err: Exception, offline: bool) -> str:

@@ -52,6 +52,7 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
+    runtime: ClassVar[str] = "torch"  # what runs the towers' inference; see `fsclip.runtime`
 
     def __init__(self, spec: str, model: nn.Module, device: torch.device, dtype: torch.dtype):
         self.spec = spec
@@ -141,6 +142,13 @@ class Backend(ABC):
         """True when `recorded` (from an index, adapter or result) names these weights: the fingerprint, or
         the dtype-dependent one fsclip 0.1.0 recorded for a model loaded in fp16/bf16."""
         return recorded in (self.fingerprint, _digest(_samples(self.model)))
+
+    @property
+    def features_id(self) -> str:
+        """Names the features `encode_*` compute, for caches: the weights, the dtype, and the runtime
+        unless torch (fp16 or int8 features must never stand in for fp32 ones)."""
+        tag = f"{self.name}-{self.fingerprint}-{str(self.dtype).removeprefix('torch.')}"
+        return tag if self.runtime == "torch" else f"{tag}-{self.runtime}"
 
     # -- inputs
     @abstractmethod

@@ -16,6 +16,7 @@ from fsclip._paths import display_path
 from fsclip.errors import UsageError
 
 DEFAULT_MODEL = os.environ.get("FSCLIP_MODEL", "ViT-B-32@laion2b_s34b_b79k")
+RUNTIMES = ("torch", "onnx", "onnx-int8", "auto")  # fsclip.runtime.RUNTIMES, without importing torch here
 
 
 # argparse `type=` validators: a bad value is a one-line usage error before anything loads
@@ -70,6 +71,14 @@ def add_model_options(p: argparse.ArgumentParser, default: str | None = DEFAULT_
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights/compute dtype (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
+    add_runtime_option(p)
+
+
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                   help="what runs the model: torch; onnx (ONNX Runtime, fp32); onnx-int8 (int8 weights, fastest "
+                        "on CPUs); auto (the fastest that passes its accuracy gate on a CPU, torch elsewhere). "
+                        "ONNX runtimes are exported and gated once, then cached (default: torch)")
 
 
 def add_prediction_options(p: argparse.ArgumentParser) -> None:

@@ -37,11 +37,12 @@ def run(args) -> int:
     labels = parse_labels(args.labels, args.labels_file)
     templates = load_templates(args.template or args.templates or "imagenet80")
     entries = read_inputs(args.paths)
-    backend = load_model(args.model, device=args.device, dtype=args.dtype)
+    paths = [p for p, reason in entries if reason is None]
+    backend = load_model(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime, calibration=paths)
     clf = ZeroShotClassifier(backend, labels, templates, progress=not args.quiet)
     records = predict_records(
-        backend, [p for p, reason in entries if reason is None], clf.predict_proba, labels, args.top_k,
-        args.threshold, args.batch_size, progress=not args.quiet,
+        backend, paths, clf.predict_proba, labels, args.top_k, args.threshold, args.batch_size,
+        progress=not args.quiet,
     )
     ok = sum("error" not in rec for rec in write_records(in_input_order(entries, records), args.format))
     return 0 if ok else 1

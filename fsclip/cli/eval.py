@@ -117,7 +117,8 @@ def run_tasks(args) -> int:
                       getattr(args, "seeds", ()), args.templates, _parse_options(getattr(args, "option", [])))
     outcomes = run_all(
         specs, args.root, args.out, skip_existing=args.skip_existing, batch_size=args.batch_size,
-        load_backend=lambda spec: load_model(spec, device=args.device, dtype=args.dtype), progress=not args.quiet,
+        load_backend=lambda spec: load_model(spec, device=args.device, dtype=args.dtype, runtime=args.runtime),
+        progress=not args.quiet,
     )
     for o in outcomes:
         if args.format == "json":

@@ -104,7 +104,10 @@ def run(args) -> int:
     from fsclip.prompts_io import load_templates
 
     if args.method != AUTO:
-        get_adapter(args.method)  # unknown names fail here, before any loading
+        method = get_adapter(args.method)  # unknown names fail here, before any loading
+        if args.runtime != "torch" and not method.frozen_backbone:
+            raise UsageError(f"--method {args.method} trains the towers, which needs --runtime torch "
+                             f"(runtime {args.runtime} is for inference)")
     if args.merge is not None and args.method not in ("lora", "auto"):
         raise UsageError(f"--merge applies to method lora only, not {args.method!r}")
     load_templates(args.templates)  # a bad set or file fails now, not after training
@@ -116,7 +119,8 @@ def run(args) -> int:
         train = sample_shots(data, args.shots, args.seed) if args.shots else data
     else:
         train, val = holdout_split(data, args.shots, args.seed)
-    backend = load_model(args.model, device=args.device, dtype=args.dtype)
+    backend = load_model(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime,
+                         calibration=train.paths)
     print(f"fitting {args.method} on {len(train)} training and {len(val)} validation images of "
           f"{len(train.classes)} classes with {args.model}")
     adapter = fit(backend, train, args.method, val=val, progress=not args.quiet, **_options(args))

@@ -8,7 +8,13 @@ import json
 import sys
 
 from fsclip._paths import display_path
-from fsclip.cli._common import DEFAULT_MODEL, add_model_options, add_output_options, positive_int
+from fsclip.cli._common import (
+    DEFAULT_MODEL,
+    add_model_options,
+    add_output_options,
+    add_runtime_option,
+    positive_int,
+)
 
 
 def add_parser(sub) -> None:
@@ -37,6 +43,7 @@ def add_parser(sub) -> None:
     u.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     u.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
     u.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
+    add_runtime_option(u)
     _add_run_options(u)
     u.set_defaults(func=run_update)
 
@@ -96,14 +103,14 @@ def run_build(args) -> int:
     for p in args.paths:  # before creating anything: a typo must not leave an empty index behind
         check_root(p)
     if path.exists() and not args.overwrite:
-        index = ImageIndex.open(path, model=args.model, device=args.device, dtype=args.dtype)
+        index = ImageIndex.open(path, model=args.model, device=args.device, dtype=args.dtype, runtime=args.runtime)
         if args.ann_threshold is not None and args.ann_threshold != index.ann.ann_threshold:
             print(f"fsclip: warning: --ann-threshold ignored; {path} keeps {index.ann.ann_threshold} "
                   "(use --overwrite to rebuild)", file=sys.stderr)
     else:
         ann = AnnConfig() if args.ann_threshold is None else AnnConfig(ann_threshold=args.ann_threshold)
         index = ImageIndex.create(path, args.model or DEFAULT_MODEL, ann=ann, overwrite=args.overwrite,
-                                  device=args.device, dtype=args.dtype)
+                                  device=args.device, dtype=args.dtype, runtime=args.runtime, calibration=args.paths)
     with index:
         report = index.add(args.paths, batch_size=args.batch_size, num_workers=args.workers,
                            progress=not args.quiet)
@@ -114,7 +121,7 @@ def run_build(args) -> int:
 def run_update(args) -> int:
     from fsclip.search import ImageIndex
 
-    with ImageIndex.open(args.index, device=args.device, dtype=args.dtype) as index:
+    with ImageIndex.open(args.index, device=args.device, dtype=args.dtype, runtime=args.runtime) as index:
         report = index.update(batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
     _print_report(args.index, report, args.format)
     return 0
@@ -137,7 +144,8 @@ def run_info(args) -> int:
                  f"recall@10 {info['index']['tuned_recall_at_10']:.3f} on sample queries)")
     rows = [
         ("index", display_path(info["path"])), ("images", info["images"]), ("model", info["model"]),
-        ("backend", info["backend"]), ("fingerprint", info["fingerprint"]), ("dim", info["dim"]),
+        ("backend", info["backend"]), ("runtime", info["runtime"]), ("fingerprint", info["fingerprint"]),
+        ("dim", info["dim"]),
         ("search", kind), ("approximate from", f"{info['ann_threshold']} images"),
         ("generation", info["generation"]), ("updated", info["updated"]),
         ("disk", f"{info['disk_bytes'] / 2**20:.1f} MiB"), ("roots", ", ".join(info["roots"]) or "-"),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fsclip.cli._common import (
     add_prediction_options,
+    add_runtime_option,
     in_input_order,
     positive_int,
     read_inputs,
@@ -25,23 +26,32 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="weights dtype (default: fp32 on CPU, fp16 on CUDA, whatever the adapter was fitted in)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
+    add_runtime_option(p)
     add_prediction_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from fsclip.adapters import load_adapter
+    from fsclip.adapters import get_adapter, load_adapter
     from fsclip.adapters.base import read_header
     from fsclip.backends import load_model
+    from fsclip.errors import UsageError
     from fsclip.predict import predict_records
 
-    read_header(args.adapter)  # a missing or damaged adapter folder is reported before anything else loads
+    header = read_header(args.adapter)  # a missing or damaged adapter folder is reported before anything else loads
+    if args.runtime != "torch" and not get_adapter(header["method"]).frozen_backbone:
+        raise UsageError(f"a {header['method']} adapter trains the towers, so it predicts with --runtime torch "
+                         "(or fit it with --merge DIR, and use --model DIR with any runtime)")
     entries = read_inputs(args.paths)
-    backend = load_model(args.model, device=args.device, dtype=args.dtype) if args.model else None
+    paths = [p for p, reason in entries if reason is None]
+    backend = None
+    if args.model or args.runtime != "torch":
+        backend = load_model(args.model or header["base_model"]["spec"], device=args.device, dtype=args.dtype,
+                             runtime=args.runtime, calibration=paths)
     adapter = load_adapter(args.adapter, backend=backend, device=args.device, dtype=args.dtype)
     records = predict_records(
-        adapter.backend, [p for p, reason in entries if reason is None], adapter.proba_from_features,
-        adapter.classes, args.top_k, args.threshold, args.batch_size, progress=not args.quiet,
+        adapter.backend, paths, adapter.proba_from_features, adapter.classes, args.top_k, args.threshold,
+        args.batch_size, progress=not args.quiet,
     )
     ok = sum("error" not in rec for rec in write_records(in_input_order(entries, records), args.format))
     return 0 if ok else 1

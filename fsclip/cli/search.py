@@ -7,6 +7,8 @@ import json
 import math
 import sys
 
+from fsclip.cli._common import add_runtime_option
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("search", help="search an index by text or example image",
@@ -35,6 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="model spec; must be the index's model (default: the index's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
+    add_runtime_option(p)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
                    help="table (readable), json (JSON Lines) or csv")
     p.add_argument("-q", "--quiet", action="store_true", help="no warnings")
@@ -77,7 +80,8 @@ def run(args) -> int:
     if not (math.isfinite(args.negative_weight) and args.negative_weight >= 0):
         raise UsageError(f"--negative-weight must be a number >= 0, got {args.negative_weight}")
     where = _where(args)
-    with ImageIndex.open(args.index, model=args.model, device=args.device, dtype=args.dtype) as index:
+    with ImageIndex.open(args.index, model=args.model, device=args.device, dtype=args.dtype,
+                         runtime=args.runtime) as index:
         hits = index.search(text=texts, image=args.image, negative_text=args.minus,
                             negative_image=args.minus_image, negative_weight=args.negative_weight,
                             k=args.k, where=where)

@@ -6,6 +6,8 @@ import ipaddress
 import socket
 import sys
 
+from fsclip.cli._common import add_runtime_option
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="web page and JSON API to search an index",
@@ -22,6 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="model spec; must be the index's model (default: the index's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
+    add_runtime_option(p)
     p.set_defaults(func=run)
 
 
@@ -93,7 +96,8 @@ def run(args) -> int:
     hosts = ["*"] if "*" in args.allow_host else allowed_hosts(args.host, args.allow_host)
     sock = _listen(args.host, args.port)  # before loading anything: a busy port fails at once
     try:
-        index = ImageIndex.open(args.index, model=args.model, device=args.device, dtype=args.dtype)
+        index = ImageIndex.open(args.index, model=args.model, device=args.device, dtype=args.dtype,
+                                runtime=args.runtime)
         index.backend  # noqa: B018 - load (and check) the model now, not on the first query
         app = build_app(index, max_upload_bytes=int(args.max_upload_mb * 2**20), allowed_hosts=hosts)
         import uvicorn

@@ -38,8 +38,7 @@ class SplitFeatures:
 
 
 def _key(backend: Backend, paths: Sequence[Path]) -> str:
-    # the fingerprint is dtype-independent; features computed in fp16 are not those of fp32
-    h = hashlib.sha256(f"{backend.name}:{backend.fingerprint}:{backend.dtype}:{backend.image_size}".encode())
+    h = hashlib.sha256(f"{backend.features_id}:{backend.image_size}".encode())
     for p in paths:
         try:
             st = os.stat(p)

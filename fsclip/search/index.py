@@ -92,10 +92,10 @@ class ImageIndex:
     """
 
     def __init__(self, path: Path, backend: Backend | None, device: str | torch.device,
-                 dtype: str | torch.dtype | None):
+                 dtype: str | torch.dtype | None, runtime: str = "torch"):
         self.path = path
         self._backend = backend
-        self._device, self._dtype = device, dtype
+        self._device, self._dtype, self._runtime = device, dtype, runtime
         self._local = threading.local()
         self._cons: list = []
         self._lock = threading.Lock()
@@ -107,8 +107,14 @@ class ImageIndex:
     @classmethod
     def create(cls, path: str | os.PathLike, model: Backend | str, *, ann: AnnConfig | None = None,
                overwrite: bool = False, device: str | torch.device = "auto",
-               dtype: str | torch.dtype | None = None) -> ImageIndex:
-        """Create an empty index for `model` (a loaded backend or a spec). Atomic: all or nothing."""
+               dtype: str | torch.dtype | None = None, runtime: str = "torch",
+               calibration: Sequence | None = None) -> ImageIndex:
+        """Create an empty index for `model` (a loaded backend or a spec). Atomic: all or nothing.
+
+        `runtime` (see `fsclip.runtime`) runs the model when `model` is a spec, and later queries;
+        an ONNX runtime used for the first time is gated on the first images of `calibration` (e.g. the
+        folders about to be added).
+        """
         path = Path(path)
         recover_dir(path)  # an overwrite that crashed midway: its old index is back before we look
         if path.exists():
@@ -116,12 +122,14 @@ class ImageIndex:
                 raise IndexError_(f"{path} already exists; open it, or overwrite it (--overwrite) to start over")
             if not (path / store.DB_NAME).is_file():
                 raise IndexError_(f"{path} exists and is not an fsclip index; refusing to overwrite it")
-        backend = model if isinstance(model, Backend) else load_model(model, device=device, dtype=dtype)
+        backend = model if isinstance(model, Backend) else load_model(model, device=device, dtype=dtype,
+                                                                      runtime=runtime, calibration=calibration)
         ann = ann or AnnConfig()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         info = {
             "fsclip_version": __version__, "model_spec": _spec_of(backend.spec), "backend": backend.name,
-            "fingerprint": backend.fingerprint, "dim": backend.embed_dim, "generation": 0, "kind": "flat",
+            "fingerprint": backend.fingerprint, "dim": backend.embed_dim, "runtime": backend.runtime,
+            "generation": 0, "kind": "flat",
             "count": 0, "ann": json.dumps(asdict(ann)), "created": now, "updated": now,
             "index_id": uuid.uuid4().hex,
         }
@@ -133,19 +141,24 @@ class ImageIndex:
             finally:
                 con.close()
         logger.info("created index %s for model %s", path, backend.spec)
-        return cls.open(path, backend, device=device, dtype=dtype)
+        return cls.open(path, backend, device=device, dtype=dtype, runtime=runtime)
 
     @classmethod
     def open(cls, path: str | os.PathLike, model: Backend | str | None = None, *,
-             device: str | torch.device = "auto", dtype: str | torch.dtype | None = None) -> ImageIndex:
-        """Open an existing index. Without `model`, the index's own model loads when a query needs it."""
+             device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
+             runtime: str = "torch") -> ImageIndex:
+        """Open an existing index. Without `model`, the index's own model loads when a query needs it.
+
+        `runtime` runs the model (see `fsclip.runtime`); any runtime of the index's weights can query
+        and extend it, whichever one built it.
+        """
         path = Path(path)
         recover_dir(path)
         if not path.is_dir():
             raise IndexError_(f"no index at {path}; build one with `fsclip index build PHOTOS --index {path}`")
-        index = cls(path, None, device, dtype)
+        index = cls(path, None, device, dtype, runtime)
         if model is not None:
-            backend = model if isinstance(model, Backend) else load_model(model, device=device, dtype=dtype)
+            backend = model if isinstance(model, Backend) else index._load(model)
             index._check_model(backend)
             index._backend = backend
         return index
@@ -199,13 +212,18 @@ class ImageIndex:
         """The index's model, loaded on first use and checked against the recorded fingerprint."""
         with self._model_lock:
             if self._backend is None:
-                backend = load_model(self.model_spec, device=self._device, dtype=self._dtype)
+                backend = self._load(self.model_spec)
                 self._check_model(backend)
                 self._backend = backend
             return self._backend
 
+    def _load(self, spec: str) -> Backend:
+        # an ONNX runtime not gated yet is gated on the first images under the index's roots
+        return load_model(spec, device=self._device, dtype=self._dtype, runtime=self._runtime,
+                          calibration=self.roots())
+
     def _check_model(self, backend: Backend) -> None:
-        if backend.embed_dim != self.dim or backend.fingerprint != self.fingerprint:
+        if backend.embed_dim != self.dim or not backend.matches_fingerprint(self.fingerprint):
             raise IndexError_(
                 f"index {self.path} was built with model {self.model_spec!r} (dim {self.dim}, fingerprint "
                 f"{self.fingerprint}); model {backend.spec!r} (dim {backend.embed_dim}, fingerprint "
@@ -372,7 +390,8 @@ class ImageIndex:
                          tuned_recall_at_10=float(info.get("tuned_recall", "nan")))
         return {
             "path": str(self.path), "images": snap.count, "bad_files": n_err, "model": self.model_spec,
-            "backend": info.get("backend"), "fingerprint": self.fingerprint, "dim": self.dim, "index": index,
+            "backend": info.get("backend"), "runtime": info.get("runtime", "torch"), "fingerprint": self.fingerprint,
+            "dim": self.dim, "index": index,
             "generation": snap.generation, "pending": pending, "roots": self.roots(),
             "excluded": [store.fs_path(r[0]) for r in con.execute("SELECT path FROM excludes ORDER BY path")],
             "ann_threshold": self.ann.ann_threshold, "schema_version": int(info["schema_version"]),

@@ -341,9 +341,19 @@ def sync(index, roots: list[str] | None, *, register: bool, batch_size: int = 32
         _backfill_identity(con)
         counts = _counts(con, gen)
         done = _embed(con, index, new, counts.pop("todo"), batch_size, num_workers, progress)
+        if done["embedded"]:
+            _note_runtime(con, index.backend.runtime)
         kind, total = _publish(index, con, gen, new, progress)
     return UpdateReport(removed=removed, **counts, **done, total=total, missing_roots=missing,
                         unreadable=tuple(unreadable), kind=kind, seconds=time.perf_counter() - t0)
+
+
+def _note_runtime(con: sqlite3.Connection, runtime: str) -> None:
+    """The index's `runtime`: every runtime whose vectors it holds (comma-separated)."""
+    recorded = store.read_info(con).get("runtime", "torch")
+    runtimes = sorted({*recorded.split(","), runtime})
+    with _tx(con):
+        store.set_info(con, runtime=",".join(runtimes))
 
 
 def remove(index, paths: list[str]) -> int:
