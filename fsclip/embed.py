@@ -463,6 +463,7 @@ def embed(
     dtype: str = "auto",
     column: str | None = None,
     progress: bool = False,
+    runtime: str = "torch",
     **runner_options,
 ) -> EmbedReport:
     """Embed every image of `sources` into Parquet shards under `out`; rerun the same call to resume.
@@ -474,6 +475,8 @@ def embed(
         fp16: store embeddings as float16 (half the bytes; computed in `dtype` regardless).
         dtype: compute dtype (auto: fp16 on CUDA, fp32 elsewhere).
         column: the path column of CSV/Parquet sources (default: path, uri or url).
+        runtime: what runs the model (see `fsclip.runtime`); an ONNX runtime is gated on the first local
+            images of `sources`.
         runner_options: the runner's own options (local: `workers`; ray: `address`,
             `num_gpus_per_worker`, `actors`).
     """
@@ -507,9 +510,11 @@ def embed(
             from fsclip.backends import load_model
 
             load_device, load_dtype = run_module.driver_model(device, dtype, **runner_options)
-            backend = load_model(spec, device=load_device, dtype=load_dtype)
+            calibration = [u for u in uris[:256] if "://" not in u]
+            backend = load_model(spec, device=load_device, dtype=load_dtype, runtime=runtime, calibration=calibration)
             model_rec = {"spec": spec, "backend": backend.name, "fingerprint": backend.fingerprint,
-                         "dim": backend.embed_dim, "compute_dtype": str(backend.dtype).removeprefix("torch.")}
+                         "dim": backend.embed_dim, "compute_dtype": str(backend.dtype).removeprefix("torch."),
+                         "runtime": backend.runtime}
             if output.manifest is not None:
                 _check_same_model(output.root, output.manifest["model"], model_rec)
             output.write_manifest(_manifest(job, model_rec, shards, output.done, "running"))
@@ -567,6 +572,9 @@ def _check_same_model(root: Path, old: dict, new: dict) -> None:
     if old["compute_dtype"] != new["compute_dtype"]:
         raise UsageError(f"{root} was computed in {old['compute_dtype']}, this run would use {new['compute_dtype']}; "
                          "pass the same --dtype or choose another --out")
+    if old.get("runtime", "torch") != new["runtime"]:
+        raise UsageError(f"{root} was computed with runtime {old.get('runtime', 'torch')}, this run would use "
+                         f"{new['runtime']}; pass the same --runtime or choose another --out")
     if old["fingerprint"] != new["fingerprint"]:
         raise UsageError(f"the weights of {new['spec']} changed since {root} was started (fingerprint "
                          f"{old['fingerprint']}, now {new['fingerprint']}); choose another --out")

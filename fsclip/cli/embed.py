@@ -60,7 +60,7 @@ def run(args) -> int:
         options = {"address": args.address, "num_gpus_per_worker": args.num_gpus_per_worker, "actors": args.actors}
     report = embed(args.sources, args.out, args.model, runner=args.runner, shard_size=args.shard_size,
                    fp16=args.fp16, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                   column=args.column, progress=not args.quiet, **options)
+                   column=args.column, progress=not args.quiet, runtime=args.runtime, **options)
     if args.format == "json":
         print(json.dumps(report.to_dict()))
         return 0

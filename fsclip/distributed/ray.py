@@ -101,10 +101,10 @@ def _decode_memory(batch_size: int, shape: tuple[int, ...]) -> int:
 class _Encoder:
     """Ray actor: the model, loaded once; pixels -> L2-normalised float32 embeddings."""
 
-    def __init__(self, spec: str, device: str, dtype: str, fingerprint: str):
+    def __init__(self, spec: str, device: str, dtype: str, fingerprint: str, runtime: str = "torch"):
         from fsclip.backends import load_model
 
-        self.backend = load_model(spec, device=device, dtype=dtype)
+        self.backend = load_model(spec, device=device, dtype=dtype, runtime=runtime)
         if self.backend.fingerprint != fingerprint:
             raise ModelLoadError(f"a Ray worker loaded other weights for {spec!r} (fingerprint "
                                  f"{self.backend.fingerprint}, the driver has {fingerprint}); give every node "
@@ -194,7 +194,7 @@ def run(backend, shards: Sequence[Shard], write: Callable[[ShardResult], None], 
         ds = ds.map_batches(
             _Encoder, batch_size=batch_size, batch_format="numpy",
             fn_constructor_kwargs={"spec": backend.spec, "device": device, "dtype": dtype,
-                                   "fingerprint": backend.fingerprint},
+                                   "fingerprint": backend.fingerprint, "runtime": backend.runtime},
             compute=ray.data.ActorPoolStrategy(size=actors or _pool_size(ray, num_gpus_per_worker)),
             num_gpus=num_gpus_per_worker or None,
         )
