@@ -46,12 +46,16 @@ class OrtBackend(Backend):
         self._text = get_session(self.folder / TEXT_FILE)
 
     def __getattr__(self, name: str):
-        # backend-specific extras (transform, model_type, ...) come from the wrapped backend
+        # backend-specific extras (model_type, ...) come from the wrapped backend
         if name.startswith("__") or name == "base":
             raise AttributeError(name)
         return getattr(self.base, name)
 
     # -- what the model is: the wrapped backend's
+    @property
+    def transform(self):
+        return self.base.transform
+
     @property
     def fingerprint(self) -> str:
         return self.base.fingerprint

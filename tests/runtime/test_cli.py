@@ -86,7 +86,7 @@ def test_serve_app_answers_with_an_onnx_runtime(photos, tmp_path):
         index.add([photos])
     index = ImageIndex.open(tmp_path / "s.idx", runtime="onnx-int8")
     assert index.backend.runtime == "onnx-int8"
-    resp = TestClient(build_app(index)).get("/api/search", params={"q": "a photo of a green square.", "k": 5})
+    resp = TestClient(build_app(index), base_url="http://127.0.0.1:8000").get("/api/search", params={"q": "a photo of a green square.", "k": 5})
     assert resp.status_code == 200, resp.text
     results = resp.json()["results"]
     assert len(results) == 5 and all("green_square" in r["path"] for r in results)
