@@ -1,4 +1,4 @@
-"""`fsclip classify`: zero-shot labels for images, from class names only."""
+"""`fsclip classify`: zero-shot labels for images from class names, or a model's own classes (--own-head)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def add_parser(sub) -> None:
     labels = p.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog,bird"')
     labels.add_argument("--labels-file", help="file with one class name per line")
+    labels.add_argument("--own-head", action="store_true",
+                        help="classify into the model's own classes (e.g. ImageNet-1k for timm:resnet50.a1_in1k)")
     p.add_argument("--templates", default="imagenet80",
                    help="template set name (see --list-templates) or a JSON file (default: imagenet80)")
     p.add_argument("--template", action="append", default=None,
@@ -26,21 +28,34 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from fsclip.backends import load_model
+    from fsclip.backends.base import no_text_tower
+    from fsclip.errors import UsageError
     from fsclip.images import find_images
     from fsclip.predict import predict_records
     from fsclip.zeroshot import ZeroShotClassifier, parse_labels
 
-    labels = parse_labels(args.labels, args.labels_file)
+    labels = None if args.own_head else parse_labels(args.labels, args.labels_file)
     paths, missing = find_images(args.paths)
     if not paths:
         what = "; ".join(f"{p}: {why}" for p, why in missing) or "no image files found"
         print(f"fsclip: error: nothing to classify ({what})", file=sys.stderr)
         return 2
     backend = load_model(args.model, device=args.device, dtype=args.dtype)
-    clf = ZeroShotClassifier(backend, labels, args.template or args.templates)
+    if args.own_head:
+        if not backend.has_own_head:
+            raise UsageError(f"model {args.model!r} has no classification head of its own; give --labels"
+                             + ("" if backend.has_text else " with an image-text model, or train one with `fsclip fit`"))
+        labels = backend.own_head_labels()
+        proba, encode = (lambda logits: logits.softmax(dim=-1)), backend.encode_own_head
+    elif not backend.has_text:
+        instead = "train a classifier on labelled images with `fsclip fit`"
+        raise UsageError(no_text_tower(args.model, instead + (" or use its own classes with --own-head"
+                                                              if backend.has_own_head else "")))
+    else:
+        proba, encode = ZeroShotClassifier(backend, labels, args.template or args.templates).predict_proba, None
     records = predict_records(
-        backend, paths, clf.predict_proba, labels, args.top_k, args.threshold, args.batch_size,
-        progress=not args.quiet,
+        backend, paths, proba, labels, args.top_k, args.threshold, args.batch_size,
+        progress=not args.quiet, encode=encode,
     )
     missing_records = [{"path": str(p), "error": why} for p, why in missing]
     ok = sum("error" not in rec for rec in write_records(chain(missing_records, records), args.format))
