@@ -29,6 +29,7 @@ from PIL import Image
 from fsclip._io import atomic_dir
 from fsclip._version import __version__
 from fsclip.backends import Backend, load_model
+from fsclip.backends.base import no_text_tower
 from fsclip.backends.registry import BUNDLED
 from fsclip.errors import DataError, IndexError_, UsageError
 from fsclip.images import ImageLoadError, load_image
@@ -116,7 +117,8 @@ class ImageIndex:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         info = {
             "fsclip_version": __version__, "model_spec": _spec_of(backend.spec), "backend": backend.name,
-            "fingerprint": backend.fingerprint, "dim": backend.embed_dim, "generation": 0, "kind": "flat",
+            "fingerprint": backend.fingerprint, "dim": backend.embed_dim, "has_text": int(backend.has_text),
+            "generation": 0, "kind": "flat",
             "count": 0, "ann": json.dumps(asdict(ann)), "created": now, "updated": now,
         }
         with atomic_dir(path, overwrite=True) as tmp:
@@ -174,6 +176,11 @@ class ImageIndex:
     @property
     def fingerprint(self) -> str:
         return self._info["fingerprint"]
+
+    @property
+    def has_text(self) -> bool:
+        """False for an image-only model's index: it answers image queries only."""
+        return self._info.get("has_text", "1") != "0"  # indexes from before the key are CLIP ones
 
     @property
     def ann(self) -> AnnConfig:
@@ -320,6 +327,7 @@ class ImageIndex:
                          tuned_recall_at_10=float(info.get("tuned_recall", "nan")))
         return {
             "path": str(self.path), "images": len(self), "bad_files": n_err, "model": self.model_spec,
+            "has_text": self.has_text,
             "backend": info.get("backend"), "fingerprint": self.fingerprint, "dim": self.dim, "index": index,
             "generation": self._gen, "pending": pending, "roots": self.roots(),
             "excluded": [r[0] for r in con.execute("SELECT path FROM excludes ORDER BY path")],
@@ -332,6 +340,8 @@ class ImageIndex:
     # -- queries
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """(N, D) float32 normalised text features from the index's model."""
+        if not self.has_text:
+            raise UsageError(no_text_tower(self.model_spec, "this index answers image queries only (--image PATH)"))
         backend = self.backend
         with self._model_lock:
             return backend.encode_texts(list(texts)).cpu().numpy()
