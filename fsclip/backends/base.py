@@ -158,9 +158,8 @@ class Backend(ABC):
     @torch.inference_mode()
     def encode_own_head(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """(N, 3, H, W) -> (N, C) float32 logits of the model's own head."""
-        if not self.has_own_head:
-            self.own_head_labels()  # raises the one-line error
-        return self._batched(self.forward_own_head, pixels, batch_size, len(self.own_head_labels()))
+        width = len(self.own_head_labels())  # a model without a head of its own raises here, in one line
+        return self._batched(self.forward_own_head, pixels, batch_size, width)
 
     def _batched(self, forward, pixels: torch.Tensor, batch_size: int, width: int) -> torch.Tensor:
         self.model.eval()

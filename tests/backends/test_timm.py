@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,25 @@ def test_uncached_timm_model_fails_fast_in_one_line(tmp_path):
     err = [line for line in proc.stderr.splitlines() if line.startswith("fsclip: error")]
     assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert spec in err[0] and str(tmp_path / "hub") in err[0] and "save_for_hf" in err[0]
+
+
+ASSET = Path(__file__).resolve().parents[2] / "fsclip" / "assets" / "shapes-resnet"
+
+
+@pytest.mark.skipif(not (ASSET / "model.safetensors").is_file(), reason="bundled backbone not trained yet")
+def test_bundled_backbone_by_name_and_as_a_plain_folder():
+    from safetensors import safe_open
+
+    from fsclip.shapes.train_backbone import CLASSES, IMAGE_SIZE
+
+    by_name, by_path = load_model("shapes-resnet", device="cpu"), load_model(str(ASSET), device="cpu")
+    assert by_name.name == by_path.name == "timm" and by_name.fingerprint == by_path.fingerprint
+    assert by_name.has_own_head and by_name.own_head_labels() == list(CLASSES)
+    assert (by_name.image_size, by_name.decode_size) == (IMAGE_SIZE, IMAGE_SIZE)
+    cfg = json.loads((ASSET / "config.json").read_text())
+    assert cfg["architecture"] == "resnet10t" and cfg["num_classes"] == len(CLASSES) == len(cfg["label_names"])
+    assert {"mean", "std", "input_size"} <= set(cfg["pretrained_cfg"])
+    with safe_open(ASSET / "model.safetensors", "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert torch.float16 in dtypes and torch.float32 not in dtypes
+    assert sum(p.stat().st_size for p in ASSET.iterdir()) < 4 * 2**20
