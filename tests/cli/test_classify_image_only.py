@@ -72,8 +72,8 @@ def test_own_head_on_the_bundled_backbone(photos, capsys):
     assert code == 0 and len(records) == 3 * len(COLOURS) * len(BASE_SHAPES)
     truth = [Path(r["path"]).parent.name.replace("_", " ") for r in records]
     acc = sum(r["label"] == t for r, t in zip(records, truth)) / len(records)
-    # its 112 classes are "<colour> <shape>"; measured 1.000 on these 144 renders (threshold: TODO)
-    assert acc >= 0.9, acc
+    # its 112 classes are "<colour> <shape>"; measured 1.000 on these 144 renders and on those of seeds 6, 7
+    assert acc >= 0.95, acc
 
 
 def test_fit_refuses_image_only_models_for_now(tmp_path, tiny_timm_dir, capsys):

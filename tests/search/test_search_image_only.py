@@ -82,8 +82,12 @@ def test_an_image_only_index_goes_ivf_tuned_on_image_queries(tmp_path, tiny_timm
 
 
 @needs_backbone
-def test_image_search_on_the_bundled_backbone_finds_the_same_shape(tmp_path, capsys, one_torch_thread):
-    """Same colour and shape in the top 5 (query excluded): measured TODO."""
+def test_image_search_on_the_bundled_backbone_finds_the_same_colour_and_shape(tmp_path, one_torch_thread):
+    """Each colour x base shape drawn 5 times; an indexed image's 4 nearest others are its 4 siblings.
+
+    Measured on collections drawn with seeds 0, 1, 2: same colour and shape in the top 4 (query
+    excluded) 1.000 each; same shape alone in the top 5, 0.975-0.98. Chance: 4/239 and 1/6.
+    """
     rng = np.random.default_rng(0)
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -97,6 +101,6 @@ def test_image_search_on_the_bundled_backbone_finds_the_same_shape(tmp_path, cap
         assert index.info()["backend"] == "timm" and not index.has_text
         same = []
         for q in sorted(photos.iterdir())[::3]:
-            hits = [h for h in index.search(image=q, k=6) if h.path != str(q)][:5]
+            hits = [h for h in index.search(image=q, k=5) if h.path != str(q)][:4]
             same += [Path(h.path).stem.rsplit("_", 1)[0] == q.stem.rsplit("_", 1)[0] for h in hits]
-    assert np.mean(same) >= 0.5, np.mean(same)
+    assert np.mean(same) >= 0.9, np.mean(same)
