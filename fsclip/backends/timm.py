@@ -18,7 +18,7 @@ from torch import nn
 
 from fsclip.backends.base import Backend
 from fsclip.backends.registry import register_backend
-from fsclip.errors import UsageError
+from fsclip.errors import ModelLoadError, UsageError
 
 __all__ = ["TimmBackend", "own_labels"]
 
@@ -51,6 +51,24 @@ def own_labels(model: nn.Module) -> list[str] | None:
     return names if len(names) == n else None
 
 
+def _check_name(target: str) -> None:
+    """Unknown architectures and tags fail here in one line, not as a cache miss after a hub lookup."""
+    import difflib
+
+    import timm
+    from timm.models import split_model_name_tag
+
+    arch, tag = split_model_name_tag(target)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelLoadError(f"unknown timm model {arch!r}{hint}")
+    tags = [name.partition(".")[2] for name in timm.list_pretrained(f"{arch}.*")]
+    if tag and tag not in tags:
+        raise ModelLoadError(f"timm model {arch!r} has no pretrained tag {tag!r}; "
+                             f"choose one of: {', '.join(tags) or '(none: it has no pretrained weights)'}")
+
+
 class TimmBackend(Backend):
     name = "timm"
 
@@ -66,6 +84,8 @@ class TimmBackend(Backend):
         import timm
         from timm.data import resolve_model_data_config
 
+        if not target.startswith(("hf-hub:", "local-dir:")):
+            _check_name(target)
         model = timm.create_model(target, pretrained=True)
         return cls(spec, model.to(device=device, dtype=dtype).eval(), device, dtype, resolve_model_data_config(model))
 

@@ -177,3 +177,14 @@ def test_bundled_backbone_by_name_and_as_a_plain_folder():
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert torch.float16 in dtypes and torch.float32 not in dtypes
     assert sum(p.stat().st_size for p in ASSET.iterdir()) < 4 * 2**20
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("timm:resnt50", "unknown timm model 'resnt50'; did you mean resnet50"),
+    ("timm:resnet50.no_such_tag", "has no pretrained tag 'no_such_tag'; choose one of: a1_in1k"),
+])
+def test_unknown_timm_names_fail_before_any_download(spec, message):
+    from fsclip.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(spec, device="cpu")
