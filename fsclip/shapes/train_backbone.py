@@ -5,18 +5,28 @@ ImageNet-pretrained CNNs of the transfer-learning playbook. It learns a 112-way 
 every colour x pretraining shape (`BASE_SHAPES + PRETRAIN_SHAPES`, 8 colours x 14 shapes) and never
 sees the novel shapes (diamond, crescent, ring), which are left for few-shot transfer.
 
-The bundled checkpoint (`fsclip/assets/shapes-resnet/`, spec `shapes-resnet`) was made with
+The bundled checkpoint (`fsclip/assets/shapes-resnet/`, spec `shapes-resnet`) is one run with the
+defaults (1500 steps of 128 images from 12,000 pre-rendered ones, seed 0, AdamW at 3e-3 with a cosine
+schedule, label smoothing 0.1):
 
-    OMP_NUM_THREADS=2 nice -n 10 python -m fsclip.shapes.train_backbone --steps 6000 --images 24000 --seed 0
+    OMP_NUM_THREADS=1 nice -n 10 python -m fsclip.shapes.train_backbone
 
-TODO figures.
+Training took 565 CPU-seconds (rendering included; 17 minutes of wall time on the shared 2-core machine) and
+reproduces bit for bit (a second run wrote identical weights). The run prints its figures: 112-way
+accuracy on fresh renders of the pretraining classes 1.000, and the novel-shape probe:
+
+    | features      | 1-shot        | 4-shot        | 16-shot       |
+    |---------------|---------------|---------------|---------------|
+    | shapes-resnet | 0.797 ± 0.015 | 0.881 ± 0.047 | 0.985 ± 0.003 |
+    | random init   | 0.113 ± 0.019 | 0.140 ± 0.022 | 0.181 ± 0.047 |
 
 The probe is the few-shot task of `eval/fewshot_table.py` (name the shape among 6 base and 3 novel
-shapes, random colours): K training images per class, min(K, 4) validation images per class choosing
-the L2 strength, 50 test images per class, mean over 3 seeds; multinomial logistic regression on the
-frozen, L2-normalised pre-logits features. "random init" is the same architecture untrained.
-Reproduce the probe table of a checkpoint with `python -m fsclip.shapes.train_backbone --probe-only
---init fsclip/assets/shapes-resnet` (needs scikit-learn, the `eval` extra).
+shapes, random colours; chance 0.111): K training images per class, min(K, 4) validation images per
+class choosing the L2 strength C in 0.1..1e4, 50 test images per class, mean ± std over 3 seeds;
+multinomial logistic regression on the frozen, L2-normalised pre-logits features. "random init" is the
+same architecture untrained (seed 0), probed the same way. Reproduce the table of a checkpoint with
+`python -m fsclip.shapes.train_backbone --probe-only --init fsclip/assets/shapes-resnet` (needs
+scikit-learn, the `eval` extra); on the fp16 checkpoint it prints the same means (4-shot std 0.046).
 """
 
 from __future__ import annotations
