@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,16 +32,22 @@ def iter_encoded(
     num_workers: int | None = None,
     progress: bool = False,
     draft: bool = True,
+    encode: Callable[..., torch.Tensor] | None = None,
 ) -> Iterator[EncodedBatch]:
-    """Encode images batch by batch; unreadable inputs come back in `errors`, never as exceptions."""
-    draft_size = backend.image_size if draft else None
+    """Encode images batch by batch; unreadable inputs come back in `errors`, never as exceptions.
+
+    `encode(pixels, batch_size=...)` turns a pixel batch into rows (default `backend.encode_images`;
+    `backend.encode_own_head` gives the model's own logits instead).
+    """
+    encode = encode or backend.encode_images
+    draft_size = backend.decode_size if draft else None
     bar = tqdm(total=len(items), unit="img", disable=None if progress else True, desc="encoding")
     try:
         for batch in iter_batches(items, backend.preprocess, batch_size, num_workers, draft_size):
             if batch.pixels is None:
                 feats = torch.empty(0, backend.embed_dim, device=backend.device)
             else:
-                feats = backend.encode_images(batch.pixels, batch_size=batch_size)
+                feats = encode(batch.pixels, batch_size=batch_size)
             bar.update(len(batch.indices) + len(batch.errors))
             yield EncodedBatch(batch.indices, feats, batch.errors)
     finally:

@@ -55,10 +55,15 @@ def predict_records(
     threshold: float | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    encode: Callable[..., torch.Tensor] | None = None,
 ) -> Iterator[dict]:
-    """Encode `items`, score them with `proba` ((N, D) features -> (N, C)), yield records in order."""
+    """Encode `items`, score them with `proba` ((N, D) features -> (N, C)), yield records in order.
+
+    `encode` replaces `backend.encode_images` (see `fsclip.encode.iter_encoded`), e.g. with
+    `backend.encode_own_head` and a softmax as `proba` for the model's own classes.
+    """
     top_predictions(torch.zeros(1, len(labels)), labels, top_k, threshold)  # validate before any work
-    for batch in iter_encoded(backend, items, batch_size=batch_size, progress=progress):
+    for batch in iter_encoded(backend, items, batch_size=batch_size, progress=progress, encode=encode):
         records: dict[int, dict] = {i: {"path": _name(items[i]), "error": err} for i, err in batch.errors}
         if batch.indices:
             with torch.inference_mode():

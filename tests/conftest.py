@@ -112,6 +112,19 @@ def tiny_hf_siglip_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_timm_dir(tmp_path_factory) -> Path:
+    """A randomly initialised timm ResNet (3 named classes) in timm's hub layout, as `save_for_hf` writes it."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3, channels=(8, 16, 32, 64), stem_width=8)
+    out = tmp_path_factory.mktemp("tiny-timm")
+    save_for_hf(model.eval(), out, model_config={"label_names": ["ant", "bee", "cat"]}, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def shapes_backend():
     from fsclip.backends import load_model
 

@@ -10,7 +10,9 @@ from collections.abc import Iterable
 import torch
 
 from fsclip.backends import hf as _hf  # noqa: F401  (registers)
+from fsclip.backends import hf_vision as _hf_vision  # noqa: F401  (registers)
 from fsclip.backends import openclip as _openclip  # noqa: F401  (registers)
+from fsclip.backends import timm as _timm  # noqa: F401  (registers)
 from fsclip.backends._hub import offline_unless_reachable
 from fsclip.backends.base import Backend
 from fsclip.backends.registry import get_backend, list_backends, resolve_spec
@@ -56,7 +58,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load_model(spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
                runtime: str = "torch", calibration: Iterable | None = None) -> Backend:
-    """Load a CLIP-style model from a spec (see `fsclip.backends.registry` for the syntax).
+    """Load a model from a spec (see `fsclip.backends.registry` for the syntax).
 
     Args:
         spec: model spec.
@@ -101,6 +103,7 @@ def _load_failure(spec: str, target: str, err: Exception, offline: bool) -> str:
         return (
             f"cannot load model {spec!r}: its weights are not in the local cache ({constants.HF_HUB_CACHE}) "
             "and the hub is unreachable; download it on a connected machine, or pass a local folder "
-            "(--model /path/to/folder with open_clip_config.json or config.json)"
+            "(--model /path/to/folder with open_clip_config.json, or config.json as transformers or "
+            "timm's save_for_hf write it)"
         )
     return f"cannot load model {spec!r} ({target}): {text}"

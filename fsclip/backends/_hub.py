@@ -46,3 +46,41 @@ def offline_unless_reachable() -> Iterator[bool]:
         yield True
     finally:
         constants.HF_HUB_OFFLINE = False
+
+
+def hub_repo_library(repo_id: str) -> str | None:
+    """"open_clip" or "timm" from a hub repo's files, or None when they can't be seen.
+
+    An `open_clip_config.json` means open_clip; a `config.json` with a top-level "architecture" and no
+    open_clip config is timm's hub layout. The local cache is read first; the hub is asked only when
+    the cache holds neither file and the hub is reachable.
+    """
+    import json
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo = repo_id.partition("@")[0]  # open_clip/timm accept a revision after "@"
+    oc_cfg, cfg_path = (try_to_load_from_cache(repo, name) for name in ("open_clip_config.json", "config.json"))
+    if isinstance(oc_cfg, str):
+        return "open_clip"
+    if not isinstance(cfg_path, str):
+        if constants.HF_HUB_OFFLINE or not hub_reachable():
+            return None
+        from huggingface_hub import HfApi, hf_hub_download
+
+        try:
+            files = set(HfApi().list_repo_files(repo))
+            if "open_clip_config.json" in files:
+                return "open_clip"
+            if "config.json" not in files:
+                return None
+            cfg_path = hf_hub_download(repo, "config.json")
+        except (OSError, ValueError) as e:  # HfHubHTTPError is an OSError; bad repo ids a ValueError
+            logger.info("cannot list %s on the hub: %s", repo, e)
+            return None
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return "timm" if isinstance(cfg, dict) and isinstance(cfg.get("architecture"), str) else None

@@ -17,8 +17,14 @@ from torch import nn
 
 from fsclip._cache import cache_dir
 from fsclip._io import atomic_write
+from fsclip.errors import UsageError
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "no_text_tower"]
+
+
+def no_text_tower(spec: str, instead: str = "train a classifier on labelled images with `fsclip fit`") -> str:
+    """The one line every text-needing path gives for an image-only model, with what to do `instead`."""
+    return f"model {spec!r} has no text tower; {instead}"
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +51,13 @@ def _digest(samples: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> str:
 
 
 class Backend(ABC):
-    """A CLIP-style image-text model behind a small, uniform surface.
+    """A vision model behind a small, uniform surface: an image tower always, a text tower where
+    `has_text` (CLIP-style image-text models), its own classification head where `has_own_head`.
 
-    `encode_*` run in eval mode without gradients and return L2-normalised float32 features on the
-    CPU-or-model device; `forward_*` keep gradients for adapters that train the towers.
+    Commands ask these capabilities, never the class. The text methods of an image-only model raise a
+    one-line `UsageError`. `encode_*` run in eval mode without gradients and return L2-normalised
+    float32 features on the CPU-or-model device; `forward_*` keep gradients for adapters that train
+    the towers.
     """
 
     name: ClassVar[str]
@@ -63,20 +72,42 @@ class Backend(ABC):
         low = any(t.is_floating_point() and t.dtype != torch.float32 for t in model.state_dict().values())
         self._loaded_digest = _digest(_samples(model)) if low else None
 
+    # -- what the model can do
+    @property
+    def has_text(self) -> bool:
+        """True for image-text models: zero-shot classification and text queries work."""
+        return True
+
+    @property
+    def has_own_head(self) -> bool:
+        """True where the model carries its own classifier (e.g. an ImageNet head) and its class names."""
+        return False
+
+    def own_head_labels(self) -> list[str]:
+        """Class names of the model's own head, in logit order."""
+        raise UsageError(f"model {self.spec!r} has no classification head of its own")
+
+    def forward_own_head(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, C) logits of the model's own head, with gradients."""
+        raise UsageError(f"model {self.spec!r} has no classification head of its own")
+
+    def _text_missing(self) -> UsageError:
+        return UsageError(no_text_tower(self.spec))
+
     # -- what the model is
     @property
     @abstractmethod
     def embed_dim(self) -> int: ...
 
     @property
-    @abstractmethod
     def loss_kind(self) -> Literal["softmax", "sigmoid"]:
         """`softmax` for CLIP-style contrastive models, `sigmoid` for SigLIP."""
+        raise self._text_missing()
 
     @property
-    @abstractmethod
     def exact_short_text(self) -> bool:
         """True where encoding only up to the longest real sequence is exact (causal text tower)."""
+        raise self._text_missing()
 
     @property
     def logit_scale(self) -> float:
@@ -87,8 +118,8 @@ class Backend(ABC):
         bias = self._logit_bias_param()
         return None if bias is None else float(bias)
 
-    @abstractmethod
-    def _logit_scale_param(self) -> torch.Tensor: ...
+    def _logit_scale_param(self) -> torch.Tensor:
+        raise self._text_missing()
 
     def _logit_bias_param(self) -> torch.Tensor | None:
         return None
@@ -165,18 +196,24 @@ class Backend(ABC):
         weights (this default pickles the whole backend)."""
         return self.preprocess
 
-    @abstractmethod
+    @property
+    def decode_size(self) -> int:
+        """Smallest image side `preprocess` reads without upsampling (JPEG draft decoding stops there):
+        the resize before the centre crop, which is larger than `image_size` when crop_pct < 1."""
+        return self.image_size
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Texts -> model inputs, padded to the length `forward_texts` needs (short where exact)."""
+        raise self._text_missing()
 
     # -- differentiable forwards (normalised features)
     @abstractmethod
     def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, D), normalised, with gradients."""
 
-    @abstractmethod
     def forward_texts(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenised texts -> (N, D), normalised, with gradients."""
+        raise self._text_missing()
 
     # -- towers, for adapters that train parts of them
     @property
@@ -184,27 +221,34 @@ class Backend(ABC):
     def image_tower(self) -> nn.Module: ...
 
     @property
-    @abstractmethod
-    def text_tower(self) -> nn.Module: ...
+    def text_tower(self) -> nn.Module:
+        raise self._text_missing()
 
     @abstractmethod
     def image_blocks(self) -> list[nn.Module]:
-        """The vision transformer's residual blocks, first to last."""
+        """The image tower's residual blocks (transformers) or stages (CNNs), first to last."""
 
     @abstractmethod
     def attention_target_modules(self) -> list[str]:
-        """Module-name suffixes that LoRA should wrap in both towers' attention."""
+        """Module-name suffixes that LoRA should wrap in the towers' attention."""
 
     # -- batched inference
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """(N, 3, H, W) -> (N, D) normalised float32 features."""
+        return self._batched(self.forward_images, pixels, batch_size, self.embed_dim)
+
+    @torch.inference_mode()
+    def encode_own_head(self, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, C) float32 logits of the model's own head."""
+        width = len(self.own_head_labels())  # a model without a head of its own raises here, in one line
+        return self._batched(self.forward_own_head, pixels, batch_size, width)
+
+    def _batched(self, forward, pixels: torch.Tensor, batch_size: int, width: int) -> torch.Tensor:
         self.model.eval()
-        out = [
-            self.forward_images(pixels[i : i + batch_size].to(self.device, self.dtype)).float()
-            for i in range(0, len(pixels), batch_size)
-        ]
-        return torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
+        out = [forward(pixels[i : i + batch_size].to(self.device, self.dtype)).float()
+               for i in range(0, len(pixels), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, width, device=self.device)
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -213,6 +257,8 @@ class Backend(ABC):
         Batches are formed from texts of similar token length, so that with a causal tower each batch
         is only as long as its own longest text.
         """
+        if not self.has_text:
+            raise self._text_missing()
         self.model.eval()
         texts = list(texts)
         if not texts:

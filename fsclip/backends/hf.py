@@ -1,4 +1,7 @@
-"""transformers backend: CLIP and SigLIP repos on the hub or in a local folder with config.json."""
+"""transformers backend: CLIP and SigLIP repos on the hub or in a local folder with config.json.
+
+Configs without a text tower load as image-only backbones (`fsclip.backends.hf_vision`).
+"""
 
 from __future__ import annotations
 
@@ -37,8 +40,13 @@ class TransformersBackend(Backend):
 
     @classmethod
     def load(cls, spec: str, target: str, pretrained: str | None, device: torch.device, dtype: torch.dtype):
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
+        config = AutoConfig.from_pretrained(target)
+        if getattr(config, "text_config", None) is None:  # no text tower: DINOv2, ViT, ResNet, ...
+            from fsclip.backends.hf_vision import TransformersVisionBackend
+
+            return TransformersVisionBackend.from_config(spec, target, config, device, dtype)
         model = AutoModel.from_pretrained(target).to(device=device, dtype=dtype).eval()
         if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
             from fsclip.errors import ModelLoadError

@@ -121,6 +121,9 @@ def run(args) -> int:
         train, val = holdout_split(data, args.shots, args.seed)
     backend = load_model(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime,
                          calibration=train.paths)
+    if not backend.has_text:  # TODO(issue 11 part 2): the few-shot methods on image-only backbones
+        raise UsageError(f"model {args.model!r} has no text tower, and the few-shot methods do not take "
+                         "image-only models yet (issue 11); use a CLIP-style model")
     print(f"fitting {args.method} on {len(train)} training and {len(val)} validation images of "
           f"{len(train.classes)} classes with {args.model}")
     adapter = fit(backend, train, args.method, val=val, progress=not args.quiet, **_options(args))

@@ -146,6 +146,7 @@ def run_info(args) -> int:
         ("index", display_path(info["path"])), ("images", info["images"]), ("model", info["model"]),
         ("backend", info["backend"]), ("runtime", info["runtime"]), ("fingerprint", info["fingerprint"]),
         ("dim", info["dim"]),
+        ("queries", "text and image" if info["has_text"] else "image only (the model has no text tower)"),
         ("search", kind), ("approximate from", f"{info['ann_threshold']} images"),
         ("generation", info["generation"]), ("updated", info["updated"]),
         ("disk", f"{info['disk_bytes'] / 2**20:.1f} MiB"), ("roots", ", ".join(info["roots"]) or "-"),

@@ -32,6 +32,7 @@ from fsclip._io import atomic_dir, recover_dir
 from fsclip._paths import display_path
 from fsclip._version import __version__
 from fsclip.backends import Backend, load_model
+from fsclip.backends.base import no_text_tower
 from fsclip.backends.registry import BUNDLED
 from fsclip.errors import DataError, IndexError_, UsageError
 from fsclip.images import ImageLoadError, load_image
@@ -129,6 +130,7 @@ class ImageIndex:
         info = {
             "fsclip_version": __version__, "model_spec": _spec_of(backend.spec), "backend": backend.name,
             "fingerprint": backend.fingerprint, "dim": backend.embed_dim, "runtime": backend.runtime,
+            "has_text": int(backend.has_text),
             "generation": 0, "kind": "flat",
             "count": 0, "ann": json.dumps(asdict(ann)), "created": now, "updated": now,
             "index_id": uuid.uuid4().hex,
@@ -191,6 +193,11 @@ class ImageIndex:
     @property
     def fingerprint(self) -> str:
         return self._info["fingerprint"]
+
+    @property
+    def has_text(self) -> bool:
+        """False for an image-only model's index: it answers image queries only."""
+        return self._info.get("has_text", "1") != "0"  # indexes from before the key are CLIP ones
 
     @property
     def ann(self) -> AnnConfig:
@@ -390,6 +397,7 @@ class ImageIndex:
                          tuned_recall_at_10=float(info.get("tuned_recall", "nan")))
         return {
             "path": str(self.path), "images": snap.count, "bad_files": n_err, "model": self.model_spec,
+            "has_text": self.has_text,
             "backend": info.get("backend"), "runtime": info.get("runtime", "torch"), "fingerprint": self.fingerprint,
             "dim": self.dim, "index": index,
             "generation": snap.generation, "pending": pending, "roots": self.roots(),
@@ -403,6 +411,8 @@ class ImageIndex:
     # -- queries
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """(N, D) float32 normalised text features from the index's model."""
+        if not self.has_text:
+            raise UsageError(no_text_tower(self.model_spec, "this index answers image queries only (--image PATH)"))
         backend = self.backend
         with self._model_lock:
             return backend.encode_texts(list(texts)).cpu().numpy()

@@ -186,7 +186,7 @@ def build_app(index: ImageIndex, *, max_upload_bytes: int = 20 * 2**20,
     @app.get("/api/info")
     def info():
         d = index.info()
-        return {k: d[k] for k in ("images", "bad_files", "model", "dim", "index", "generation", "updated")}
+        return {k: d[k] for k in ("images", "bad_files", "model", "has_text", "dim", "index", "generation", "updated")}
 
     @app.get("/api/search")
     def search(q: Texts = None, like: Texts = None, minus: Texts = None, k: TopK = default_k,

@@ -474,7 +474,8 @@ def _tune(con, index, built, dim: int, cfg: fi.AnnConfig) -> tuple[int, float]:
     qids = np.sort(rng.choice(ids, size=min(len(ids), cfg.tune_queries), replace=False))
     sets = [(store.vectors_for(con, qids, dim), qids)]
     try:
-        sets.append((index.encode_text(tuning_queries()), None))
+        if index.has_text:  # an image-only model's index is only ever asked image queries
+            sets.append((index.encode_text(tuning_queries()), None))
     except ModelLoadError as e:  # tuned on image queries only: text recall may fall short
         logger.warning("cannot load the index's model to tune on text queries (%s); tuning on images only", e)
     return fi.tune_nprobe(built, sets, lambda: store.iter_vectors(con, live, {}, dim),

@@ -121,3 +121,46 @@ def test_upload_an_image_to_find_it(server, page):
                                             "buffer": open(target, "rb").read()}])
     expect(page.locator("#status")).to_contain_text("similar to query.png")
     expect(page.locator("#results .hit").first).to_have_attribute("data-path", target)
+
+
+@pytest.fixture(scope="module")
+def image_only_server(tmp_path_factory, tiny_timm_dir):
+    """The page over an index whose model has no text tower (a timm CNN)."""
+    uvicorn = pytest.importorskip("uvicorn")
+    from fsclip.search import ImageIndex
+    from fsclip.search.service import build_app
+
+    root = tmp_path_factory.mktemp("browser-image-only")
+    photos = render_photos(root / "photos", 12, seed=32, size=48)
+    index = ImageIndex.create(root / "i.idx", str(tiny_timm_dir), device="cpu")
+    index.add([root / "photos"])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(build_app(index), log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", index, photos
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_image_only_index_hides_the_text_box(image_only_server, page):
+    from playwright.sync_api import expect
+
+    url, index, photos = image_only_server
+    page.goto(url)
+    expect(page.locator("#info")).to_contain_text("12 images")
+    expect(page.locator("#q")).to_be_hidden()
+    expect(page.locator("#go")).to_be_hidden()
+    expect(page.locator("#status")).to_contain_text("searches by image")
+    page.select_option("#k", "12")
+    page.set_input_files("#upload", str(photos[4]))
+    hits = page.locator("#results .hit")
+    expect(hits).to_have_count(12)
+    expect(page.locator("#status")).to_contain_text(f"similar to {photos[4].name}")
+    # the upload is encoded afresh: the same file ranks first
+    expect(hits.first).to_have_attribute("data-path", str(photos[4]))

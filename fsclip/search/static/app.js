@@ -98,6 +98,12 @@ function upload(file) {
       { method: "POST", body: file, headers: { "Content-Type": type } }, `similar to ${file.name}`);
 }
 
+// The index's model has no text tower (e.g. a timm backbone): it answers image queries only.
+function imageOnly() {
+  for (const id of ["#q", "#go"]) $(id).hidden = true;
+  $("#status").textContent = "This index searches by image: upload one, or click a result to find similar images.";
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("#search-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -112,5 +118,6 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   api("/api/info").then((info) => {
     $("#info").textContent = `${info.images} images · model ${info.model} · ${info.index.kind} index`;
+    if (info.has_text === false) imageOnly();
   }).catch((err) => setStatus(err.message, true));
 });
