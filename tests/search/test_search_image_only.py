@@ -58,7 +58,7 @@ def test_service_refuses_text_with_the_same_message(tiny_index):
 
     path, photos = tiny_index
     with ImageIndex.open(path) as index:
-        client = TestClient(build_app(index))
+        client = TestClient(build_app(index), base_url="http://127.0.0.1:8000")
         info = client.get("/api/info").json()
         assert info["has_text"] is False and info["images"] == 24
         resp = client.get("/api/search", params={"q": "a red circle"})
