@@ -56,7 +56,8 @@ def quantize(src: Path, dst: Path, method: Literal["dynamic", "static"] = INT8_M
 
     graph = onnx.load(src, load_external_data=False).graph
     if not any(node.op_type in _OPS for node in graph.node):
-        # convolutions stay fp32: ORT's dynamic ConvInteger ran ~4x slower than its fp32 Conv on a ResNet
+        # convolutions stay fp32: ORT's dynamic ConvInteger has no fast CPU kernel (several times slower
+        # than fp32 Conv on shapes-resnet in a rough check); CNNs would need static quantisation
         logger.warning("%s has no linear layers to quantise (a CNN?): it runs in fp32 under onnx-int8", src.name)
     external = _size(src) > _EXTERNAL_FROM
     with _quiet_root_logger():
