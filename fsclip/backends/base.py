@@ -91,6 +91,11 @@ class Backend(ABC):
         """(N, 3, H, W) -> (N, C) logits of the model's own head, with gradients."""
         raise UsageError(f"model {self.spec!r} has no classification head of its own")
 
+    def own_head_linear(self) -> nn.Linear | None:
+        """The own head where it is one linear layer on `forward_pooled` (so a runtime that computes the
+        pooled features can apply it); None where the head is anything else, or there is none."""
+        return None
+
     def _text_missing(self) -> UsageError:
         return UsageError(no_text_tower(self.spec))
 
@@ -210,6 +215,11 @@ class Backend(ABC):
     @abstractmethod
     def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, D), normalised, with gradients."""
+
+    def forward_pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, D) image features before `forward_images` L2-normalises them, with gradients;
+        image-only backbones, where these are what a classification head reads."""
+        raise UsageError(f"model {self.spec!r} does not expose its pooled image features")
 
     def forward_texts(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Tokenised texts -> (N, D), normalised, with gradients."""

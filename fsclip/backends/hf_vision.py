@@ -106,6 +106,14 @@ class TransformersVisionBackend(Backend):
             return super().forward_own_head(pixels)
         return self.model(pixel_values=pixels).logits
 
+    def own_head_linear(self) -> nn.Linear | None:
+        head = getattr(self.model, "classifier", None) if self.has_own_head else None
+        if isinstance(head, nn.Sequential):  # ResNet: Flatten, Linear
+            layers = [m for m in head if not isinstance(m, nn.Flatten | nn.Dropout | nn.Identity)]
+            head = layers[0] if len(layers) == 1 else None
+        # DINOv2's classifier reads the CLS token and the mean patch token side by side: 2 x embed_dim
+        return head if isinstance(head, nn.Linear) and head.in_features == self.embed_dim else None
+
     # -- what the model is
     @property
     def backbone(self) -> nn.Module:

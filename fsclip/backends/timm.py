@@ -103,6 +103,10 @@ class TimmBackend(Backend):
             return super().own_head_labels()
         return list(self._labels)
 
+    def own_head_linear(self) -> nn.Linear | None:
+        head = self.model.get_classifier() if self._labels is not None else None
+        return head if isinstance(head, nn.Linear) and head.in_features == self.embed_dim else None
+
     @cached_property
     def _labels(self) -> list[str] | None:
         if not getattr(self.model, "num_classes", 0):

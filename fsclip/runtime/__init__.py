@@ -104,10 +104,13 @@ def _auto(backend: Backend, calibration: Iterable | None) -> Backend:
 
 
 def _short(gate: dict) -> str:
+    from fsclip.runtime.gates import AGREEMENTS
+
     if gate["runtime"] == "onnx":
-        return f"max abs difference {max(gate['image_max_abs'], gate['text_max_abs']):.1e}"
-    return (f"cosine >= {min(gate['image_min_cosine'], gate['text_min_cosine']):.4f}, "
-            f"zero-shot top-1 agreement {100 * gate['top1_agreement']:.1f}%")
+        worst = max(v for k in ("image_max_abs", "text_max_abs", "head_max_abs") if (v := gate[k]) is not None)
+        return f"max abs difference {worst:.1e}"
+    cosine = min(v for k in ("image_min_cosine", "text_min_cosine") if (v := gate[k]) is not None)
+    return f"cosine >= {cosine:.4f}, {AGREEMENTS[gate['agreement']]} {100 * gate['top1_agreement']:.1f}%"
 
 
 def _prepare(backend: Backend, runtime: str, calibration: Iterable | None) -> Backend:
@@ -131,7 +134,8 @@ def _prepare(backend: Backend, runtime: str, calibration: Iterable | None) -> Ba
             gate = run_gates(backend, candidate, runtime, pixels, source)
             cache.write_gates(folder, {"gate": gate.to_dict(), "seconds": round(time.perf_counter() - t0, 2)})
         if not gate.passed:
-            raise RuntimeRefused(f"runtime {runtime} refused for {backend.spec}: {gate.figures()} "
+            raise RuntimeRefused(f"runtime {runtime} refused for {backend.spec}: {' and '.join(gate.failed())} "
+                                 f"failed ({gate.figures()}) "
                                  f"(gated once and recorded in {folder}; use another --runtime)")
         return OrtBackend(backend, runtime, folder, gate.to_dict())
 
@@ -158,7 +162,7 @@ def _ensure_models(backend: Backend, runtime: str, folder: Path) -> dict:
     """The entry's manifest, building the models first if they are missing or damaged."""
     from fsclip._io import atomic_dir
     from fsclip.runtime import cache
-    from fsclip.runtime.export import IMAGE_FILE, TEXT_FILE, ExportError, export_towers
+    from fsclip.runtime.export import ExportError, export_towers
     from fsclip.runtime.quantize import quantize
 
     found = cache.read_manifest(folder)
@@ -176,7 +180,7 @@ def _ensure_models(backend: Backend, runtime: str, folder: Path) -> dict:
                     fp32 = _ensure_models(backend, "onnx", src)
                     if "error" in fp32:
                         raise ExportError(fp32["error"])
-                    for name in (IMAGE_FILE, TEXT_FILE):
+                    for name in sorted(n for n in fp32["files"] if n.endswith(".onnx")):  # image (+ text)
                         try:
                             quantize(src / name, tmp / name)
                         except (OSError, MemoryError):

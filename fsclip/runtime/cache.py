@@ -3,7 +3,7 @@
 One folder per (weights, behaviour, runtime, versions):
 
     <backend>-<fingerprint>-<behaviour>-<runtime>-ort<v>-opset<n>-torch<v>-fsclip<v>/
-        image.onnx, text.onnx   (+ .data side files for very large towers)
+        image.onnx, text.onnx   (no text.onnx for image-only models; + .data side files for very large towers)
         models.json             what was written, with sizes; or why export failed
         gates.json              the accuracy gate's figures (written after the models)
 
@@ -64,8 +64,10 @@ def behaviour(backend: Backend) -> str:
         size = backend.image_size
         pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)) * 4 - 2
         with torch.inference_mode():
-            feats = torch.cat([backend.forward_images(pixels.to(backend.device, backend.dtype)).float().cpu(),
-                               backend.forward_texts(backend.tokenize(["a photo of a cat."])).float().cpu()], 1)
+            feats = backend.forward_images(pixels.to(backend.device, backend.dtype)).float().cpu()
+            if backend.has_text:
+                text = backend.forward_texts(backend.tokenize(["a photo of a cat."])).float().cpu()
+                feats = torch.cat([feats, text], 1)
         rounded = np.round(feats.numpy().astype(np.float64), 2) + 0.0  # + 0.0: no negative zeros
         key = hashlib.sha256(rounded.tobytes()).hexdigest()[:8]
         _BEHAVIOUR[backend.model] = key

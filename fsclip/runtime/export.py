@@ -1,8 +1,11 @@
-"""Export a backend's two towers to ONNX: normalised features out, dynamic batch (and causal length).
+"""Export a backend's towers to ONNX: normalised features out, dynamic batch (and causal length).
 
 Each tower is wrapped so the graph ends exactly where `Backend.forward_*` ends (projection, then L2
 normalisation), captured with `torch.export` and translated by `torch.onnx`. A causal text tower gets a
 dynamic sequence length, so the trimmed batches `Backend.tokenize` makes run through the same graph.
+An image-only model has no text tower to export. Where its own classification head is one linear layer
+on the pooled features (`Backend.own_head_linear`), the image graph also outputs those features
+(`pooled`), and the runtime applies the head to them; any other head runs in torch.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fsclip.backends.base import Backend
@@ -42,6 +46,19 @@ class _ImageTower(nn.Module):
         return self._forward(pixels)
 
 
+class _PooledImageTower(nn.Module):
+    """Normalised features and the pooled features they come from, in one graph."""
+
+    def __init__(self, backend: Backend):
+        super().__init__()
+        self.model = backend.model
+        self._pooled = backend.forward_pooled
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self._pooled(pixels)
+        return F.normalize(pooled, dim=-1), pooled
+
+
 class _TextTower(nn.Module):
     def __init__(self, backend: Backend, names: tuple[str, ...]):
         super().__init__()
@@ -60,7 +77,8 @@ def _weight_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def _export(module: nn.Module, args: tuple, names: list[str], dynamic: dict, path: Path, what: str) -> None:
+def _export(module: nn.Module, args: tuple, names: list[str], dynamic: dict, path: Path, what: str,
+            outputs: tuple[str, ...] = ("features",)) -> None:
     with warnings.catch_warnings():  # the exporter's advice is for exporter developers, not our users
         warnings.simplefilter("ignore")
         try:
@@ -71,7 +89,7 @@ def _export(module: nn.Module, args: tuple, names: list[str], dynamic: dict, pat
             raise ExportError(f"cannot capture the {what} tower for ONNX: {_first_line(e)}"
                               + (f" (layer {layer})" if layer else "")) from e
         try:
-            onnx_program = torch.onnx.export(program, args, input_names=names, output_names=["features"],
+            onnx_program = torch.onnx.export(program, args, input_names=names, output_names=list(outputs),
                                              opset_version=OPSET, dynamo=True, verbose=False, optimize=True)
         except Exception as e:
             raise ExportError(f"cannot export the {what} tower to ONNX: {_describe(e, program)}") from e
@@ -79,7 +97,8 @@ def _export(module: nn.Module, args: tuple, names: list[str], dynamic: dict, pat
 
 
 def export_towers(backend: Backend, folder: Path) -> list[str]:
-    """Write `image.onnx` and `text.onnx` for `backend` (CPU, fp32) into `folder`; returns the file names."""
+    """Write `image.onnx` and (where the model has a text tower) `text.onnx` for `backend` (CPU, fp32) into
+    `folder`; returns the file names."""
     if backend.device.type != "cpu" or backend.dtype != torch.float32:
         raise ValueError(f"export needs the model on the CPU in fp32, not {backend.device} {backend.dtype}")
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -87,8 +106,36 @@ def export_towers(backend: Backend, folder: Path) -> list[str]:
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     logger.info("exporting the image tower of %s to ONNX", backend.spec)
     backend.model.eval()
-    _export(_ImageTower(backend), (pixels,), ["pixels"], {"pixels": {0: batch}}, folder / IMAGE_FILE, "image")
+    if _pooled_head(backend, pixels):
+        tower, outputs = _PooledImageTower(backend), ("features", "pooled")
+    else:
+        tower, outputs = _ImageTower(backend), ("features",)
+    _export(tower, (pixels,), ["pixels"], {"pixels": {0: batch}}, folder / IMAGE_FILE, "image", outputs)
+    if backend.has_text:
+        _export_text(backend, folder, batch)
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
 
+
+def _pooled_head(backend: Backend, pixels: torch.Tensor) -> bool:
+    """True where the own head is a linear layer that reads `forward_pooled`, and `forward_images` is those
+    features normalised: checked in torch on `pixels`, so a backend's claim cannot change the answers."""
+    head = backend.own_head_linear()
+    if head is None:
+        return False
+    with torch.inference_mode():
+        pooled = backend.forward_pooled(pixels)
+        logits = backend.forward_own_head(pixels)
+        features = backend.forward_images(pixels)
+        tol = 1e-5 * max(1.0, float(logits.abs().max()))
+        same = ((head(pooled) - logits).abs().max() <= tol
+                and (F.normalize(pooled, dim=-1) - features).abs().max() <= 1e-6)
+    if not same:
+        logger.info("the own head of %s is not a linear layer on its pooled features; it runs in torch",
+                    backend.spec)
+    return bool(same)
+
+
+def _export_text(backend: Backend, folder: Path, batch) -> None:
     inputs = backend.tokenize(list(_SAMPLE_TEXTS))
     names = tuple(k for k in ("input_ids", "attention_mask") if k in inputs)
     unknown = set(inputs) - set(names)
@@ -103,7 +150,6 @@ def export_towers(backend: Backend, folder: Path) -> list[str]:
     args = tuple(inputs[k] for k in names)
     logger.info("exporting the text tower of %s to ONNX", backend.spec)
     _export(_TextTower(backend, names), args, list(names), dynamic, folder / TEXT_FILE, "text")
-    return sorted(p.name for p in folder.iterdir() if p.is_file())
 
 
 def _context_length(backend: Backend) -> int:

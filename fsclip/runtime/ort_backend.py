@@ -1,7 +1,11 @@
-"""`OrtBackend`: a loaded torch backend whose two towers run in ONNX Runtime.
+"""`OrtBackend`: a loaded torch backend whose towers run in ONNX Runtime.
 
-Everything but the towers' forward passes (preprocessing, tokenizing, logit scale, fingerprint, the
-towers' modules themselves) is the wrapped backend's, so code written against `Backend` runs unchanged.
+Everything but the towers' forward passes (capabilities, preprocessing, tokenizing, logit scale,
+fingerprint, the towers' modules themselves) is the wrapped backend's, so code written against `Backend`
+runs unchanged. Each is delegated by name: `Backend` defines them all, so `__getattr__` never sees them.
+An image-only model has no text session. Its own head runs on the image graph's `pooled` output where
+the export found it to be one linear layer on those features (`fsclip.runtime.export`); any other head
+runs in torch, on the wrapped model.
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ class OrtBackend(Backend):
         self.runtime = runtime
         self.folder = Path(folder)
         self.gate = gate  # what the accuracy gate measured (GateResult.to_dict), None while gating
+        self._open_sessions()
+
+    def _open_sessions(self) -> None:
         self._image = get_session(self.folder / IMAGE_FILE)
-        self._text = get_session(self.folder / TEXT_FILE)
-        self._text_inputs = [i.name for i in self._text.get_inputs()]
+        self._text = get_session(self.folder / TEXT_FILE) if self.base.has_text else None
+        self._text_inputs = [i.name for i in self._text.get_inputs()] if self._text is not None else []
+        self._image_outputs = [o.name for o in self._image.get_outputs()]
 
     def __getstate__(self) -> dict:
         # sessions do not pickle; they are rebuilt from the model files (copies, other processes)
@@ -42,8 +50,7 @@ class OrtBackend(Backend):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._image = get_session(self.folder / IMAGE_FILE)
-        self._text = get_session(self.folder / TEXT_FILE)
+        self._open_sessions()
 
     def __getattr__(self, name: str):
         # backend-specific extras (model_type, ...) come from the wrapped backend
@@ -51,10 +58,34 @@ class OrtBackend(Backend):
             raise AttributeError(name)
         return getattr(self.base, name)
 
+    # -- what the model can do: the wrapped backend's
+    @property
+    def has_text(self) -> bool:
+        return self.base.has_text
+
+    @property
+    def has_own_head(self) -> bool:
+        return self.base.has_own_head
+
+    def own_head_labels(self) -> list[str]:
+        return self.base.own_head_labels()
+
+    def own_head_linear(self) -> nn.Linear | None:
+        return self.base.own_head_linear()
+
+    @property
+    def own_head_in_runtime(self) -> bool:
+        """True where the own head reads this runtime's pooled features; False where it runs in torch."""
+        return "pooled" in self._image_outputs
+
     # -- what the model is: the wrapped backend's
     @property
     def transform(self):
         return self.base.transform
+
+    @property
+    def decode_size(self) -> int:
+        return self.base.decode_size
 
     @property
     def fingerprint(self) -> str:
@@ -94,12 +125,27 @@ class OrtBackend(Backend):
             raise UsageError(f"runtime {self.runtime} is for inference only; training the towers (LoRA, "
                              "fine-tuning) needs --runtime torch")
 
-    def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _run_image(self, pixels: torch.Tensor, output: str) -> torch.Tensor:
         self._no_grad()
         x = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
-        return torch.from_numpy(self._image.run(None, {"pixels": x})[0])
+        return torch.from_numpy(self._image.run([output], {"pixels": x})[0])
+
+    def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run_image(pixels, "features")
+
+    def forward_pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.own_head_in_runtime:
+            return self.base.forward_pooled(pixels)  # torch
+        return self._run_image(pixels, "pooled")
+
+    def forward_own_head(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.own_head_in_runtime:  # a head that is not one linear layer on the pooled features
+            return self.base.forward_own_head(pixels)
+        return self.own_head_linear()(self._run_image(pixels, "pooled"))  # (N, D) @ (D, C) -> (N, C)
 
     def forward_texts(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self._text is None:
+            raise self._text_missing()
         self._no_grad()
         feeds = {k: np.ascontiguousarray(inputs[k].detach().cpu().numpy().astype(np.int64))
                  for k in self._text_inputs}
