@@ -191,6 +191,7 @@ def new_ivf(sample: np.ndarray, nlist: int, seed: int = 0, kind: Kind = "ivf", p
     elif kind == "ivf-pq":
         index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, ip)
         index.pq.cp.seed = seed
+        index.pq.cp.niter = KMEANS_ITERS
         index.pq.cp.min_points_per_centroid = 1  # our sample is what it is; no warning on stderr
     else:
         raise ValueError(f"not an IVF kind: {kind!r}")

@@ -8,6 +8,7 @@ its model (spec, weights fingerprint, dim, runtime) when it is created, so openi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -116,6 +117,7 @@ class ImageIndex:
             record = {"spec": backend.spec, "backend": backend.name, "fingerprint": backend.fingerprint,
                       "dim": backend.embed_dim, "runtime": backend.runtime}
         ann = ann or AnnConfig()
+        _check_budget(engine, ann.max_memory)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         info = {
             "fsclip_version": __version__, "model_spec": _spec_of(record["spec"]), "backend": record["backend"],
@@ -143,6 +145,12 @@ class ImageIndex:
             index._check_model(backend)
             index._backend = backend
         return index
+
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """Whether an index (or something in its way) is at `path`."""
+        location = os.fspath(path)
+        return stores.engine_for(location).exists(location)
 
     def close(self) -> None:
         self.store.close()
@@ -277,6 +285,14 @@ class ImageIndex:
         from fsclip.search.update import load_embeddings
 
         return load_embeddings(self, os.fspath(folder), progress=progress)
+
+    def set_max_memory(self, max_memory: int | None) -> None:
+        """Change the memory budget of the searchable index (None: no limit); the next `update` rebuilds
+        the index if it no longer fits, or if a more accurate one now does."""
+        from fsclip.search.update import set_ann
+
+        _check_budget(type(self.store), max_memory)
+        set_ann(self, dataclasses.replace(self.ann, max_memory=max_memory))
 
     def remove(self, paths: Sequence[str | os.PathLike]) -> int:
         """Remove files, or everything under folders; they stay out on later updates. Returns the count."""
@@ -422,6 +438,12 @@ class FileIdentity(NamedTuple):
     ino: int | None
     size: int
     mtime_ns: int
+
+
+def _check_budget(engine: type[Store], max_memory: int | None) -> None:
+    if max_memory is not None and not engine.supports_max_memory:
+        raise UsageError(f"a memory budget (--max-memory) sizes the FAISS index; a {engine.engine} index keeps "
+                         "its memory where the engine runs (choose its index type there)")
 
 
 def _check_run_options(batch_size, num_workers) -> None:

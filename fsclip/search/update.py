@@ -28,8 +28,9 @@ from fsclip.errors import FsclipError, IndexError_, ModelLoadError
 from fsclip.images import ImageLoadError
 from fsclip.search import catalog
 from fsclip.search._scan import probe, under, walk
+from fsclip.search.faiss_index import AnnConfig
 
-__all__ = ["UpdateReport", "load_embeddings", "remove", "sync"]
+__all__ = ["UpdateReport", "load_embeddings", "remove", "set_ann", "sync"]
 
 logger = logging.getLogger(__name__)
 
@@ -453,8 +454,15 @@ def remove(index, paths: list[str]) -> int:
 
 def _publish(index, con: sqlite3.Connection, gen: int, new: int, progress: bool) -> tuple[str, int]:
     """Everything is staged for generation `new`: have the store publish it. Returns (kind, count)."""
-    return index.store.publish(con, gen, new, ann=index.ann, text_queries=lambda: _tuning_vectors(index),
+    ann = AnnConfig(**json.loads(catalog.read_info(con)["ann"]))
+    return index.store.publish(con, gen, new, ann=ann, text_queries=lambda: _tuning_vectors(index),
                                progress=progress)
+
+
+def set_ann(index, ann: AnnConfig) -> None:
+    """Record new index settings; the next publish applies them."""
+    with index._writer() as con, _tx(con):
+        catalog.set_info(con, ann=json.dumps(asdict(ann)))
 
 
 def _tuning_vectors(index) -> np.ndarray | None:

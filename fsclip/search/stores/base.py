@@ -101,6 +101,7 @@ class Store(ABC):
 
     engine: ClassVar[str]
     default: ClassVar[bool] = False  # asked last: takes any location no other engine claims
+    supports_max_memory: ClassVar[bool] = False  # honours `AnnConfig.max_memory`
     location: str  # as shown to the user and stored nowhere else
     catalog_dir: Any  # folder of the catalog (meta.sqlite, write.lock); a Path
 
@@ -109,6 +110,11 @@ class Store(ABC):
     @abstractmethod
     def claims(cls, location: str) -> bool:
         """Whether `location` names an index of this engine."""
+
+    @classmethod
+    @abstractmethod
+    def exists(cls, location: str) -> bool:
+        """Whether an index (or something in its way) is at `location`."""
 
     @classmethod
     @abstractmethod

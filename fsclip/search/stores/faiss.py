@@ -152,6 +152,7 @@ class FaissStore(Store):
 
     engine = "faiss"
     default = True
+    supports_max_memory = True
 
     def __init__(self, path: Path):
         self.path = path
@@ -165,6 +166,11 @@ class FaissStore(Store):
     @classmethod
     def claims(cls, location: str) -> bool:
         return True  # the default: any location no other engine claims
+
+    @classmethod
+    def exists(cls, location: str) -> bool:
+        recover_dir(location)
+        return os.path.lexists(location)
 
     @classmethod
     def create(cls, location: str, info: dict[str, str], *, overwrite: bool) -> FaissStore:
@@ -232,11 +238,10 @@ class FaissStore(Store):
             except IndexChangedError:
                 continue
             info = catalog.read_info(con, self.path)
-            gen = int(info["generation"])
+            gen, base_gen = int(info["generation"]), _base_generation(info)
             same = current is not None and current.token == folder
-            if same and current.generation == gen:
+            if same and _published(current.info) == _published(info):  # a merge changes the base only
                 return current
-            base_gen = _base_generation(info)
             prev = current.state if same and current.state is not None else None
             if prev is not None and prev.base_generation != base_gen:
                 prev = None
@@ -430,6 +435,11 @@ class FaissStore(Store):
             if f.name != faiss_name(gen):
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
+
+
+def _published(info) -> tuple:
+    """What a reader's state follows: the generation, and the base it is searched over."""
+    return info["generation"], _base_generation(info), info.get("faiss_checksum")
 
 
 def _published_generation(con: sqlite3.Connection) -> int:
