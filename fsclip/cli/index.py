@@ -47,8 +47,8 @@ def add_parser(sub) -> None:
     b.add_argument("paths", nargs="*", help="image files and/or folders (walked recursively)")
     b.add_argument("--index", required=True, help=f"where the index lives: {LOCATION_HELP}")
     b.add_argument("--from-embeddings", metavar="DIR",
-                   help="load the shards of an `fsclip embed --out DIR` run instead of embedding images "
-                        "(same model; nothing is re-encoded)")
+                   help="load the shards of an `fsclip embed --out DIR` run (nothing re-encoded); with PATHS, "
+                        "those folders are then scanned as usual and only what the shards lack is embedded")
     add_model_options(b)
     b.set_defaults(model=None)  # an existing index keeps its own model
     b.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
@@ -64,7 +64,8 @@ def add_parser(sub) -> None:
                                        "deleted ones removed, moved/renamed ones (same content) reuse their vectors.")
     u.add_argument("index", help="the index (folder, PATH.db or milvus://...)")
     u.add_argument("--from-embeddings", metavar="DIR",
-                   help="load the shards of an `fsclip embed --out DIR` run instead of re-scanning the folders")
+                   help="load the shards of an `fsclip embed --out DIR` run first (nothing re-encoded), then "
+                        "re-scan the folders as usual")
     u.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     u.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
     u.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
@@ -133,9 +134,8 @@ def run_build(args) -> int:
     from fsclip.search import AnnConfig, ImageIndex
     from fsclip.search._scan import check_root
 
-    if bool(args.paths) == bool(args.from_embeddings):
-        raise UsageError("give image folders to embed, or --from-embeddings DIR to load, not both"
-                         if args.paths else "nothing to index: give image folders, or --from-embeddings DIR")
+    if not args.paths and not args.from_embeddings:
+        raise UsageError("nothing to index: give image folders, or --from-embeddings DIR (or both)")
     for p in args.paths:  # before creating anything: a typo must not leave an empty index behind
         check_root(p)
     manifest = _manifest(args.from_embeddings) if args.from_embeddings else None
@@ -157,7 +157,8 @@ def run_build(args) -> int:
                                   dtype=args.dtype, runtime=args.runtime, calibration=args.paths)
     with index:
         if manifest is not None:
-            report = index.load_embeddings(args.from_embeddings, progress=not args.quiet)
+            report = index.load_embeddings(args.from_embeddings, paths=args.paths, batch_size=args.batch_size,
+                                           num_workers=args.workers, progress=not args.quiet)
         else:
             report = index.add(args.paths, batch_size=args.batch_size, num_workers=args.workers,
                                progress=not args.quiet)
@@ -199,8 +200,12 @@ def run_update(args) -> int:
     with ImageIndex.open(args.index, device=args.device, dtype=args.dtype, runtime=args.runtime) as index:
         if args.max_memory is not None and args.max_memory != index.ann.max_memory:
             index.set_max_memory(args.max_memory)
-        if manifest is not None:
-            report = index.load_embeddings(args.from_embeddings, progress=not args.quiet)
+        if manifest is not None:  # the shards first, then the usual scan finds little left to embed
+            from fsclip.search.update import combine
+
+            load = index.load_embeddings(args.from_embeddings, progress=not args.quiet)
+            report = combine(load, index.update(batch_size=args.batch_size, num_workers=args.workers,
+                                                progress=not args.quiet))
         else:
             report = index.update(batch_size=args.batch_size, num_workers=args.workers, progress=not args.quiet)
     _print_report(args.index, report, args.format)

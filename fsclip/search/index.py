@@ -280,11 +280,21 @@ class ImageIndex:
         _check_run_options(batch_size, num_workers)
         return sync(self, None, register=False, batch_size=batch_size, num_workers=num_workers, progress=progress)
 
-    def load_embeddings(self, folder: str | os.PathLike, *, progress: bool = False):
-        """Add the rows of an `fsclip embed` output folder without re-encoding (see `update.load_embeddings`)."""
-        from fsclip.search.update import load_embeddings
+    def load_embeddings(self, folder: str | os.PathLike, *, paths: Sequence[str | os.PathLike] = (),
+                        batch_size: int = 32, num_workers: int | None = None, progress: bool = False):
+        """Add the rows of an `fsclip embed` output folder without re-encoding (see `update.load_embeddings`),
+        then, with `paths`, `add` those folders: what the shards hold is not embedded again, the rest is,
+        and the folders are served and kept up to date like any others."""
+        from fsclip.search.update import combine, load_embeddings
 
-        return load_embeddings(self, os.fspath(folder), progress=progress)
+        roots = [normpath(p) for p in _as_list(paths)]
+        for root in roots:
+            check_root(root)
+        report = load_embeddings(self, os.fspath(folder), under=roots, progress=progress)
+        if roots:
+            report = combine(report, self.add(roots, batch_size=batch_size, num_workers=num_workers,
+                                              progress=progress))
+        return report
 
     def set_max_memory(self, max_memory: int | None) -> None:
         """Change the memory budget of the searchable index (None: no limit); the next `update` rebuilds

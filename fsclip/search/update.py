@@ -9,6 +9,7 @@ embeds the rest and publishes once. Nothing is visible to readers before the sto
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -27,10 +28,10 @@ from fsclip.encode import iter_encoded
 from fsclip.errors import FsclipError, IndexError_, ModelLoadError
 from fsclip.images import ImageLoadError
 from fsclip.search import catalog
-from fsclip.search._scan import probe, under, walk
+from fsclip.search._scan import normpath, probe, under, walk
 from fsclip.search.faiss_index import AnnConfig
 
-__all__ = ["UpdateReport", "load_embeddings", "remove", "set_ann", "sync"]
+__all__ = ["UpdateReport", "combine", "load_embeddings", "remove", "set_ann", "sync"]
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +344,13 @@ def sync(index, roots: list[str] | None, *, register: bool, batch_size: int = 32
                         unreadable=tuple(unreadable), kind=kind, seconds=time.perf_counter() - t0)
 
 
-def load_embeddings(index, folder: str, *, progress: bool = False) -> UpdateReport:
+def combine(load: UpdateReport, scan: UpdateReport) -> UpdateReport:
+    """One report for a load of embeddings followed by a scan of the folders."""
+    return dataclasses.replace(scan, loaded=load.loaded, failed=load.failed + scan.failed,
+                               seconds=load.seconds + scan.seconds)
+
+
+def load_embeddings(index, folder: str, *, under: list[str] = (), progress: bool = False) -> UpdateReport:
     """Load the rows of a finished `fsclip embed` output folder into the index, without re-encoding.
 
     The shards' model (weights fingerprint and dim, from the manifest) must be the index's. A path
@@ -351,12 +358,14 @@ def load_embeddings(index, folder: str, *, progress: bool = False) -> UpdateRepo
     shards twice adds nothing; a path indexed with other content is replaced. Paths need not exist
     here: the index records their path and hash, and serving checks the file as it always does (its
     device/inode are recorded when the file is here with the recorded size and mtime). Files the embed
-    run could not use are recorded as bad files. Nothing is removed (`remove` does that). Staged in
+    run could not use are recorded as bad files, except those under the index's folders or `under` (a
+    scan of those reports them itself). Nothing is removed (`remove` does that). Staged in
     committed batches, so a killed load resumes.
     """
     from fsclip.embed import iter_tables, read_manifest
 
     t0 = time.perf_counter()
+    under = [normpath(r) for r in under] + index.roots()
     manifest = read_manifest(folder)
     model = manifest.get("model", {})
     if (str(model.get("fingerprint")), int(model.get("dim", 0))) != (index.fingerprint, index.dim):
@@ -379,6 +388,8 @@ def load_embeddings(index, folder: str, *, progress: bool = False) -> UpdateRepo
             bar.close()
         with _tx(con):
             for failed in manifest.get("failed", []):
+                if any(_under(failed["path"], root) for root in under):
+                    continue
                 path = catalog.db_path(failed["path"])
                 if con.execute("SELECT 1 FROM files WHERE path = ? AND removed_gen IS NULL", (path,)).fetchone():
                     continue  # indexed meanwhile (e.g. from a later run): the record is stale
@@ -389,6 +400,10 @@ def load_embeddings(index, folder: str, *, progress: bool = False) -> UpdateRepo
             _note_runtime(con, model.get("runtime", "torch"))
         kind, total = _publish(index, con, gen, new, progress)
     return UpdateReport(**counts, total=total, kind=kind, seconds=time.perf_counter() - t0)
+
+
+def _under(path: str, root: str) -> bool:
+    return "://" not in path and under(normpath(path), root)
 
 
 def _load_batch(con: sqlite3.Connection, batch, dim: int, gen: int, new: int, counts: dict[str, int]) -> None:

@@ -1,6 +1,6 @@
 """Vector stores behind `ImageIndex`: the interface (`base`) and its engines (`faiss`, `milvus`)."""
 
-from fsclip.search.stores import faiss
+from fsclip.search.stores import faiss, milvus
 from fsclip.search.stores.base import (
     Entry,
     IndexChangedError,
@@ -13,5 +13,5 @@ from fsclip.search.stores.base import (
     register_store,
 )
 
-__all__ = ["Entry", "IndexChangedError", "Snapshot", "Store", "create_store", "engine_for", "faiss", "list_engines",
+__all__ = ["Entry", "IndexChangedError", "Snapshot", "Store", "create_store", "engine_for", "faiss", "list_engines", "milvus",
            "open_store", "register_store"]
