@@ -115,12 +115,30 @@ def _client(loc: Location):
     if loc.db:
         kwargs["db_name"] = loc.db
     try:
-        return MilvusClient(loc.uri, **kwargs)
+        return _Client(MilvusClient(loc.uri, **kwargs), loc.uri, MilvusException)
     except MilvusException as e:
         if loc.lite:
             raise IndexError_(f"cannot open {loc.uri}: {e.message}; Milvus Lite lets one process at a time "
                               "open it (is `fsclip serve` running on it?), else it is not a Milvus Lite index") from None
         raise IndexError_(f"cannot reach Milvus at {loc.uri}: {e.message}") from None
+
+
+class _Client:
+    """A `MilvusClient` whose errors are `IndexError_` (one line on the command line, 503 in the service)."""
+
+    def __init__(self, client, uri: str, errors: type[Exception]):
+        self._client, self._uri, self._errors = client, uri, errors
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+
+        def call(*args, **kwargs):
+            try:
+                return method(*args, **kwargs)
+            except self._errors as e:
+                raise IndexError_(f"Milvus at {self._uri}: {name} failed: {getattr(e, 'message', e)}") from None
+
+        return call
 
 
 def _literal(text: str) -> str:
@@ -293,9 +311,14 @@ class MilvusStore(Store):
         if loc.lite and not os.path.isdir(loc.uri):
             raise IndexError_(f"no index at {location}; build one with `fsclip index build PHOTOS --index {location}`")
         client = _client(loc)
-        if not client.has_collection(loc.collection):
+        try:
+            if not client.has_collection(loc.collection):
+                raise IndexError_(f"no index at {location}; build one with `fsclip index build PHOTOS --index {location}`")
+            if "Loaded" not in str(client.get_load_state(loc.collection).get("state")):
+                client.load_collection(loc.collection)  # Milvus Lite forgets it between processes
+        except BaseException:
             client.close()
-            raise IndexError_(f"no index at {location}; build one with `fsclip index build PHOTOS --index {location}`")
+            raise
         return cls(location, loc, client)
 
     def close(self) -> None:
@@ -308,10 +331,7 @@ class MilvusStore(Store):
 
     # -- reading
     def _info(self) -> dict[str, str]:
-        try:
-            props = self.client.describe_collection(self.collection).get("properties", {})
-        except Exception as e:  # noqa: BLE001 - pymilvus raises its own exception types per failure
-            raise IndexError_(f"index {self.location} cannot be read: {getattr(e, 'message', e)}") from None
+        props = self.client.describe_collection(self.collection).get("properties", {})
         if PROPERTY not in props:
             raise IndexError_(f"{self.location} is a Milvus collection, but not an fsclip index")
         return json.loads(props[PROPERTY])
