@@ -409,7 +409,8 @@ def _under(path: str, root: str) -> bool:
 def _load_batch(con: sqlite3.Connection, batch, dim: int, gen: int, new: int, counts: dict[str, int]) -> None:
     """Stage one record batch of an `fsclip embed` shard (see `load_embeddings`)."""
     column = batch.column("embedding")
-    vecs = column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
+    # flatten(), not .values: a batch is a slice of its shard, and .values ignores the slice
+    vecs = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
     if vecs.shape[1] != dim:
         raise IndexError_(f"embeddings of dim {vecs.shape[1]} cannot go into an index of dim {dim}")
     vecs = vecs.astype(np.float32)  # float16 shards (`fsclip embed --fp16`) widen exactly

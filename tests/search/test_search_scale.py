@@ -37,6 +37,9 @@ def big(tmp_path_factory, tiny_backend):
                      vecs)
     with ImageIndex.create(root / "big.idx", tiny_backend, ann=AnnConfig(ann_threshold=10**6)) as index:
         assert index.load_embeddings(root / "emb").loaded == SYNTHETIC
+        ids, stored = index.vectors()  # loaded in batches of 4,096 rows from shards of 10,000: row for row
+        np.testing.assert_array_equal(stored, vecs)
+        assert index.lookup("/nonexistent/012345.png").id == ids[12345]
     return root / "big.idx"
 
 
