@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,3 +198,27 @@ def test_a_milvus_lite_index_open_in_another_process(tmp_path, tiny_backend, cap
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("fsclip: error: cannot open") and "one process at a time" in lines[0]
+
+
+@needs_milvus
+def test_a_writer_without_the_catalog_rebuilds_it_from_the_collection(tmp_path, tiny_backend):
+    """Another machine (or a lost state folder): the catalog comes back from the collection's rows and
+    roots; nothing is re-embedded, and updates carry on."""
+    photos = tmp_path / "photos"
+    paths = render_photos(photos, 10, seed=41)
+    index = ImageIndex.create(str(tmp_path / "a.db"), tiny_backend)
+    index.add([photos])
+    before = [h.path for h in index.search(text="a red circle", k=10)]
+    index.remove([paths[0]])  # an exclusion is the writer's own record: lost with the catalog
+    shutil.rmtree(tmp_path / "a.db" / "fsclip")
+    assert index.info()["bad_files"] == 0 and index.info()["pending"] is None  # a reader needs no catalog
+    assert index.search(text="a red circle", k=10)[0].path in before
+
+    render_photos(photos, 1, seed=42, start=50)
+    shutil.copy(paths[3], photos / "copy.png")  # known content: its vector comes from Milvus, not the model
+    report = index.update()
+    assert (report.unchanged, report.embedded, report.reused, report.total) == (9, 2, 1, 12)  # paths[0] is back
+    assert len(index) == 12 and (tmp_path / "a.db" / "fsclip" / "meta.sqlite").is_file()
+    np.testing.assert_array_equal(index.encode_image(photos / "copy.png"), index.encode_image(paths[3]))
+    assert sorted(h.path for h in index.search(text="x", k=20)) == sorted(str(p) for p in photos.glob("*.png"))
+    index.close()
