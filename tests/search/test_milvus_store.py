@@ -9,6 +9,7 @@ import os
 import select
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -210,6 +211,8 @@ def test_a_writer_without_the_catalog_rebuilds_it_from_the_collection(tmp_path, 
     index.add([photos])
     before = [h.path for h in index.search(text="a red circle", k=10)]
     index.remove([paths[0]])  # an exclusion is the writer's own record: lost with the catalog
+    stale = tmp_path / "stale"
+    shutil.copytree(tmp_path / "a.db" / "fsclip", stale)
     shutil.rmtree(tmp_path / "a.db" / "fsclip")
     assert index.info()["bad_files"] == 0 and index.info()["pending"] is None  # a reader needs no catalog
     assert index.search(text="a red circle", k=10)[0].path in before
@@ -220,5 +223,34 @@ def test_a_writer_without_the_catalog_rebuilds_it_from_the_collection(tmp_path, 
     assert (report.unchanged, report.embedded, report.reused, report.total) == (9, 2, 1, 12)  # paths[0] is back
     assert len(index) == 12 and (tmp_path / "a.db" / "fsclip" / "meta.sqlite").is_file()
     np.testing.assert_array_equal(index.encode_image(photos / "copy.png"), index.encode_image(paths[3]))
+    # a catalog left behind by an older generation (the collection was restored): rebuilt as well
+    index.remove([photos / "copy.png"])
+    shutil.rmtree(tmp_path / "a.db" / "fsclip")
+    shutil.copytree(stale, tmp_path / "a.db" / "fsclip")
+    con = sqlite3.connect(tmp_path / "a.db" / "fsclip" / "meta.sqlite")
+    con.execute("UPDATE info SET value = '99' WHERE key = 'generation'")
+    con.commit()
+    con.close()
+    report = index.update()  # the exclusion of copy.png went with the catalog: it is indexed again
+    assert (report.unchanged, report.reused, len(index)) == (11, 1, 12)
     assert sorted(h.path for h in index.search(text="x", k=20)) == sorted(str(p) for p in photos.glob("*.png"))
     index.close()
+
+
+@needs_milvus
+def test_a_memory_budget_on_milvus_is_refused_in_one_line(tmp_path, tiny_openclip_dir, capsys):
+    render_photos(tmp_path / "photos", 2, seed=51)
+    rc = main(["index", "build", str(tmp_path / "photos"), "--index", str(tmp_path / "m.db"), "--model",
+               str(tiny_openclip_dir), "--device", "cpu", "--max-memory", "1G", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--max-memory" in err and "milvus index" in err
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_without_pymilvus_the_milvus_store_is_one_line(tmp_path, tiny_openclip_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pymilvus", None)  # as if not installed
+    render_photos(tmp_path / "photos", 1, seed=61)
+    rc = main(["index", "build", str(tmp_path / "photos"), "--index", str(tmp_path / "m.db"), "--model",
+               str(tiny_openclip_dir), "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "pip install 'fsclip[milvus]'" in err

@@ -380,6 +380,10 @@ class FaissStore(Store):
         current = fi.plan_of(base) if base is not None else None
         reserve = min(MERGE_MAX, int(MERGE_FRACTION * n) + 1) * (4 * dim + 8)  # the largest delta
         plan = fi.plan_index(n, dim, ann, current.kind if current else None, reserve=reserve)
+        if ann.max_memory is not None and plan.memory(n, dim) + reserve > ann.max_memory:
+            logger.warning("%d images need %.0f MiB in the smallest index (%s) and its delta; over the %.0f MiB "
+                           "budget (--max-memory)", n, (plan.memory(n, dim) + reserve) / 2**20, plan.describe(),
+                           ann.max_memory / 2**20)
         if plan.kind == "flat" and n >= ann.ann_threshold:
             logger.warning("%d images: exact search; an approximate (IVF) index needs at least %d to train",
                            n, fi.MIN_IVF)

@@ -444,18 +444,34 @@ class MilvusStore(Store):
     @contextlib.contextmanager
     def writer(self):
         recover_dir(self.catalog_dir)
-        if not (self.catalog_dir / catalog.DB_NAME).is_file():
+        stale = self._stale_catalog()
+        if stale:
+            logger.warning("%s: rebuilding it from the collection (%s images)", stale, self._info()["count"])
             self._adopt()
         with super().writer() as con:
             yield con
+
+    def _stale_catalog(self) -> str | None:
+        """Why this machine's catalog cannot be used for the collection, or None when it can."""
+        if not (self.catalog_dir / catalog.DB_NAME).is_file():
+            return f"no catalog for {self.location} on this machine"
+        con = catalog.connect(self.catalog_dir)
+        try:
+            local = catalog.read_info(con, self.catalog_dir)
+        finally:
+            con.close()
+        info = self._info()
+        if local.get("index_id") != info["index_id"]:
+            return f"the catalog in {self.catalog_dir} belongs to an index that was replaced"
+        if int(local["generation"]) > int(info["generation"]):  # the collection went back (restored)
+            return f"the catalog in {self.catalog_dir} is ahead of {self.location}"
+        return None
 
     def _adopt(self) -> None:
         """Rebuild the catalog from the collection (this machine has none: another machine built the index,
         or the state folder was lost). The rows' metadata and the roots come back; vectors stay in Milvus."""
         info = self._info()
         gen = int(info["generation"])
-        logger.warning("no catalog for %s on this machine: rebuilding it from the collection (%s images)",
-                       self.location, info["count"])
         catalog_info = _catalog_info(info)
         self.catalog_dir.parent.mkdir(parents=True, exist_ok=True)
         with atomic_dir(self.catalog_dir, overwrite=True) as tmp:
@@ -485,13 +501,7 @@ class MilvusStore(Store):
 
     def begin(self, con: sqlite3.Connection) -> int:
         info, local = self._info(), catalog.read_info(con, self.location)
-        if info["index_id"] != local.get("index_id"):
-            raise IndexError_(f"the catalog in {self.catalog_dir} belongs to another index than {self.location} "
-                              f"(it was rebuilt); delete {self.catalog_dir} and rerun to rebuild it from the collection")
-        published, gen = int(info["generation"]), int(local["generation"])
-        if published < gen:
-            raise IndexError_(f"{self.location} is at generation {published}, its catalog in {self.catalog_dir} at "
-                              f"{gen}; delete {self.catalog_dir} and rerun to rebuild it from the collection")
+        published, gen = int(info["generation"]), int(local["generation"])  # `writer` made sure gen <= published
         if published > gen:  # killed after publishing to Milvus, before the catalog heard: catch up
             with catalog.tx(con):
                 catalog.set_info(con, generation=published, count=info["count"], updated=info["updated"])
