@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install -q -e '.[serve,eval,notebooks,test,ray,remote,onnx,heif]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install -q -e '.[serve,eval,notebooks,test,ray,remote,onnx,heif,milvus]' 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/python -c "import fsclip, open_clip, faiss, peft"
 	touch $(STAMP)
 

@@ -141,7 +141,7 @@ def bench_ann(n: int, dim: int, n_queries: int, uniform: bool, budget_s: float, 
         ivf.add_with_ids(data[s : s + 100_000], ids[s : s + 100_000])
     tq = np.sort(rng.choice(n, 256, replace=False))
     tune_sets = [(data[tq], ids[tq]), (text_like(make(256, 4), seed=5), None)]  # as the index tunes: both kinds
-    nprobe, _ = fi.tune_nprobe(ivf, tune_sets, lambda: [(ids, data)], fi.AnnConfig().tune_target)
+    nprobe, _, _ = fi.tune_nprobe(ivf, tune_sets, lambda: [(ids, data)], fi.AnnConfig().tune_target)
     ivf_build = time.perf_counter() - t0
     ivf_bytes = _bytes(ivf) / n
     for probe in sorted({max(1, nprobe // 2), nprobe, min(nlist, nprobe * 2)}):

@@ -514,7 +514,7 @@ def embed(
             backend = load_model(spec, device=load_device, dtype=load_dtype, runtime=runtime, calibration=calibration)
             model_rec = {"spec": spec, "backend": backend.name, "fingerprint": backend.fingerprint,
                          "dim": backend.embed_dim, "compute_dtype": str(backend.dtype).removeprefix("torch."),
-                         "runtime": backend.runtime}
+                         "runtime": backend.runtime, "has_text": backend.has_text}
             if output.manifest is not None:
                 _check_same_model(output.root, output.manifest["model"], model_rec)
             output.write_manifest(_manifest(job, model_rec, shards, output.done, "running"))

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("search", help="search an index by text or example image",
                        description='Rank indexed images, e.g. fsclip search my.idx "a red car at night" -k 20. '
                                    "Several positives are averaged; --minus queries are subtracted.")
-    p.add_argument("index", help="index folder (from `fsclip index build`)")
+    p.add_argument("index", help="the index: a folder, PATH.db or milvus://HOST:PORT/COLLECTION (from `fsclip index build`)")
     p.add_argument("text", nargs="?", help="text query")
     p.add_argument("--query", action="append", default=[], metavar="TEXT", help="another text query; repeatable")
     p.add_argument("--image", action="append", default=[], metavar="PATH",

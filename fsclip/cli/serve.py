@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="web page and JSON API to search an index",
                        description="Serve a search page and JSON API (see fsclip.search.service). "
                                    "Binds to 127.0.0.1 unless told otherwise; only indexed images are served.")
-    p.add_argument("index", help="index folder")
+    p.add_argument("index", help="the index: a folder, PATH.db or milvus://HOST:PORT/COLLECTION")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",

@@ -16,6 +16,13 @@ The rule (`choose_kind`, `nlist_for`, `tune_nprobe`):
 * hysteresis: an IVF index goes back to flat only below half the threshold; it is retrained when the
   collection has grown or shrunk 4x since training (nlist is then 2x off the rule).
 
+* a memory budget (`AnnConfig.max_memory`, `--max-memory`) picks the most accurate index that fits
+  (`plan_index`): exact or IVF-Flat (4 bytes a dimension), else IVF with 8-bit scalar quantised codes
+  (IVF-SQ8, 1 byte a dimension), else IVF-PQ with the most sub-quantizer bytes that fit. Compressed
+  codes only rank candidates: the top `rerank` x k are re-scored exactly with their full vectors read
+  from disk (`refine`), and tuning picks the smallest rerank factor, then the smallest nprobe, that
+  reach the recall target on both query sets.
+
 Deletions use FAISS ids (the SQLite row ids): `remove_ids` on the id map or the inverted lists.
 Recall is counted as in ann-benchmarks: a returned item is a hit when its score reaches the k-th exact
 score, so exact ties (duplicate photos) do not count as misses.
@@ -36,23 +43,33 @@ from fsclip._io import atomic_write
 
 __all__ = [
     "AnnConfig",
+    "Plan",
     "choose_kind",
     "exact_knn",
     "id_range",
     "index_kind",
+    "merge_topk",
     "needs_retrain",
     "new_flat",
     "new_ivf",
     "nlist_for",
+    "plan_index",
+    "plan_of",
     "read_index",
     "read_index_checksum",
     "recall_at_k",
+    "refine",
     "search",
     "tune_nprobe",
     "write_index",
 ]
 
-Kind = Literal["flat", "ivf"]
+Kind = Literal["flat", "ivf", "ivf-sq8", "ivf-pq"]
+COMPRESSED = ("ivf-sq8", "ivf-pq")
+RERANK_FACTORS = (2, 4, 8, 16, 32)  # candidates re-scored exactly, as a multiple of k
+MIN_COMPRESSED = 1024  # PQ trains 256 centroids per sub-quantizer: fewer vectors train it badly
+TRAIN_COMPRESSED = 16_384  # training sample for compressed codes (PQ wants >= 39 x 256 points)
+Fetch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # ids -> (found ids, their vectors)
 RETRAIN_FACTOR = 4
 SAMPLE_PER_LIST = 32  # k-means training points per list: centroids only route queries, 32 is plenty
 MIN_LISTS = 8
@@ -71,6 +88,7 @@ class AnnConfig:
             keep the target.
         tune_queries: stored vectors used as tuning queries.
         seed: for the training sample and the tuning queries.
+        max_memory: bytes the searchable index may hold in memory; None: no limit (exact or IVF-Flat).
     """
 
     ann_threshold: int = 50_000
@@ -78,8 +96,12 @@ class AnnConfig:
     tune_margin: float = 0.02
     tune_queries: int = 256
     seed: int = 0
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_memory is not None and (isinstance(self.max_memory, bool) or not isinstance(self.max_memory, int)
+                                            or self.max_memory < 1):
+            raise ValueError(f"max_memory must be a positive number of bytes, got {self.max_memory!r}")
         if not isinstance(self.ann_threshold, int) or self.ann_threshold < 1:
             raise ValueError(f"ann_threshold must be a positive integer, got {self.ann_threshold!r}")
         if not 0 < self.recall_target <= 1:
@@ -97,8 +119,47 @@ class AnnConfig:
 def choose_kind(n: int, cfg: AnnConfig, current: Kind | None = None) -> Kind:
     """The index kind for `n` vectors: IVF from the threshold on (or half of it, for an existing IVF
     index), and never below `MIN_IVF` vectors, which is too few to train the smallest IVF index."""
-    threshold = cfg.ann_threshold // 2 if current == "ivf" else cfg.ann_threshold
+    threshold = cfg.ann_threshold // 2 if current not in (None, "flat") else cfg.ann_threshold
     return "ivf" if n >= max(threshold, MIN_IVF) else "flat"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An index to build: its kind, inverted lists and (IVF-PQ) code bytes per vector."""
+
+    kind: Kind
+    nlist: int = 0
+    pq_m: int = 0
+
+    def memory(self, n: int, dim: int) -> int:
+        """Bytes the index takes in memory for n vectors (FAISS's own structures; estimates within ~10%)."""
+        if self.kind == "flat":
+            return n * (4 * dim + 8 + 32)  # vectors, ids, and IndexIDMap2's id -> slot hash map
+        code = {"ivf": 4 * dim, "ivf-sq8": dim, "ivf-pq": self.pq_m}[self.kind]
+        tables = 256 * dim * 4 if self.kind == "ivf-pq" else 8 * dim
+        return n * (code + 8) + self.nlist * dim * 4 + tables
+
+    def describe(self) -> str:
+        return f"{self.kind} (m={self.pq_m})" if self.kind == "ivf-pq" else self.kind
+
+
+def pq_sizes(dim: int) -> list[int]:
+    """IVF-PQ code bytes to try, largest first: divisors of dim, 2 to 32 dimensions per byte."""
+    return [m for m in range(dim // 2, 0, -1) if dim % m == 0 and 2 <= dim // m <= 32]
+
+
+def plan_index(n: int, dim: int, cfg: AnnConfig, current: Kind | None = None, reserve: int = 0) -> Plan:
+    """The index for `n` vectors: `choose_kind`'s without a memory budget; with one, the most accurate
+    that fits in `cfg.max_memory - reserve` bytes (the smallest when none does)."""
+    kind = choose_kind(n, cfg, current)
+    nlist = nlist_for(n)
+    plans = [Plan("flat") if kind == "flat" else Plan("ivf", nlist)]
+    if cfg.max_memory is None:
+        return plans[0]
+    if n >= MIN_COMPRESSED:
+        plans += [Plan("ivf-sq8", nlist), *(Plan("ivf-pq", nlist, m) for m in pq_sizes(dim))]
+    budget = cfg.max_memory - reserve
+    return next((p for p in plans if p.memory(n, dim) <= budget), plans[-1])
 
 
 def nlist_for(n: int) -> int:
@@ -118,11 +179,22 @@ def new_flat(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def new_ivf(sample: np.ndarray, nlist: int, seed: int = 0) -> faiss.IndexIVFFlat:
-    """An empty IVF index whose centroids are trained on `sample` (M, D)."""
+def new_ivf(sample: np.ndarray, nlist: int, seed: int = 0, kind: Kind = "ivf", pq_m: int = 0) -> faiss.IndexIVF:
+    """An empty IVF index (`kind` says how it stores vectors) trained on `sample` (M, D)."""
     dim = sample.shape[1]
     quantizer = faiss.IndexFlatIP(dim)
-    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    ip = faiss.METRIC_INNER_PRODUCT
+    if kind == "ivf":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, ip)
+    elif kind == "ivf-sq8":
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, ip)
+    elif kind == "ivf-pq":
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, ip)
+        index.pq.cp.seed = seed
+        index.pq.cp.niter = KMEANS_ITERS
+        index.pq.cp.min_points_per_centroid = 1  # our sample is what it is; no warning on stderr
+    else:
+        raise ValueError(f"not an IVF kind: {kind!r}")
     index.cp.seed = seed
     index.cp.niter = KMEANS_ITERS
     index.cp.max_points_per_centroid = SAMPLE_PER_LIST
@@ -134,20 +206,41 @@ def new_ivf(sample: np.ndarray, nlist: int, seed: int = 0) -> faiss.IndexIVFFlat
 
 
 def index_kind(index: faiss.Index) -> Kind:
-    return "ivf" if isinstance(faiss.downcast_index(index), faiss.IndexIVF) else "flat"
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexIVFPQ):
+        return "ivf-pq"
+    if isinstance(index, faiss.IndexIVFScalarQuantizer):
+        return "ivf-sq8"
+    return "ivf" if isinstance(index, faiss.IndexIVF) else "flat"
+
+
+def plan_of(index: faiss.Index) -> Plan:
+    kind = index_kind(index)
+    if kind == "flat":
+        return Plan("flat")
+    ivf = faiss.extract_index_ivf(index)
+    return Plan(kind, int(ivf.nlist), int(faiss.downcast_index(index).pq.M) if kind == "ivf-pq" else 0)
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
-           nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(B, D) queries -> scores (B, k), ids (B, k); missing slots have id -1.
+           nprobe: int | None = None, excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(B, D) queries -> scores (B, k), ids (B, k); missing slots have id -1 (and score -inf).
 
-    `allowed` restricts results to those ids. On IVF, nprobe is scaled by 1 / (allowed fraction) so
-    that the number of allowed candidates scanned stays what tuning measured; a selective filter thus
-    degrades to an exhaustive (exact) scan of the inverted lists instead of losing recall.
+    `allowed` restricts results to those ids; otherwise `excluded` (e.g. entries deleted since the index
+    was written) leaves those out. On IVF, nprobe is scaled by 1 / (allowed fraction) so that the number
+    of allowed candidates scanned stays what tuning measured; a selective filter thus degrades to an
+    exhaustive (exact) scan of the inverted lists instead of losing recall.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    ivf = faiss.extract_index_ivf(index) if index_kind(index) == "ivf" else None
-    sel = None if allowed is None else faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+    if not index.ntotal:
+        return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+    ivf = faiss.extract_index_ivf(index) if index_kind(index) != "flat" else None
+    if allowed is not None:
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+    elif excluded is not None and len(excluded):
+        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64)))
+    else:
+        sel = None
     if ivf is not None:
         probe = nprobe or ivf.nprobe
         if allowed is not None and index.ntotal:
@@ -156,7 +249,48 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray 
         params = faiss.SearchParametersIVF(sel=sel, nprobe=int(min(probe, ivf.nlist)))
     else:
         params = faiss.SearchParameters(sel=sel) if sel is not None else None
-    return index.search(queries, k, params=params)
+    scores, ids = index.search(queries, k, params=params)
+    scores[ids < 0] = -np.inf
+    return scores, ids
+
+
+def refine(queries: np.ndarray, ids: np.ndarray, fetch: Fetch, k: int,
+           chunk: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate `ids` (B, K) exactly against their full vectors; the top k of each row.
+
+    `fetch(unique ids)` returns the ids it found and their vectors (an id gone meanwhile is dropped).
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    found, vecs = fetch(np.unique(ids[ids >= 0]))
+    order = np.argsort(found)
+    found, vecs = found[order], vecs[order]
+    out_s = np.full((len(ids), k), -np.inf, np.float32)
+    out_i = np.full((len(ids), k), -1, np.int64)
+    if not len(found):
+        return out_s, out_i
+    for lo in range(0, len(ids), chunk):  # (b, K, D) at a time bounds the gather
+        cand = ids[lo : lo + chunk]
+        pos = np.clip(np.searchsorted(found, cand), 0, len(found) - 1)
+        ok = (cand >= 0) & (found[pos] == cand)
+        scores = np.einsum("bd,bkd->bk", queries[lo : lo + chunk], vecs[pos])  # (b, D) x (b, K, D) -> (b, K)
+        scores[~ok] = -np.inf
+        s, i = merge_topk([(scores, np.where(ok, cand, -1))], k)
+        out_s[lo : lo + chunk], out_i[lo : lo + chunk] = s, i
+    return out_s, out_i
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k of several (scores (B, *), ids (B, *)) result sets by score; empty slots (-inf, -1) last."""
+    s = np.concatenate([p[0] for p in parts], axis=1)
+    i = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    if s.shape[1] < k:
+        pad = k - s.shape[1]
+        s = np.pad(s, ((0, 0), (0, pad)), constant_values=-np.inf)
+        i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+    i[~np.isfinite(s)] = -1
+    return s, i
 
 
 def exact_knn(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]],
@@ -204,23 +338,43 @@ def recall_at_k(approx_scores: np.ndarray, approx_ids: np.ndarray, exact_scores:
 
 def tune_nprobe(index: faiss.Index, query_sets: list[tuple[np.ndarray, np.ndarray | None]],
                 chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], target: float,
-                k: int = 10) -> tuple[int, float]:
+                k: int = 10, fetch: Fetch | None = None) -> tuple[int, int, float]:
     """Smallest power-of-two nprobe at which every query set reaches `target` recall@k; sets it on `index`.
 
     Each set is `(queries (B, D), ids)`: `ids` names each query's own vector when the queries are
-    stored vectors (left out of the recall), else None. Returns (nprobe, the lowest set's recall).
+    stored vectors (left out of the recall), else None. With `fetch` (compressed codes), candidates are
+    re-scored exactly (`refine`): the smallest factor of `RERANK_FACTORS` that reaches the target
+    within nprobe <= nlist wins. Returns (nprobe, rerank factor or 0, the lowest set's recall).
     """
     ivf = faiss.extract_index_ivf(index)
     sets = [(q, ids, exact_knn(q, chunks(), k + 1)[0]) for q, ids in query_sets if len(q)]
-    nprobe = 1
-    while True:
-        recall = min((recall_at_k(*search(index, q, k + 1, nprobe=nprobe), exact, k, exclude=ids)
-                      for q, ids, exact in sets), default=1.0)
-        if recall >= target or nprobe >= ivf.nlist:
+
+    def recall(nprobe: int, rerank: int) -> float:
+        worst = 1.0
+        for q, ids, exact in sets:
+            if rerank:
+                _, cand = search(index, q, (k + 1) * rerank, nprobe=nprobe)
+                got = refine(q, cand, fetch, k + 1)
+            else:
+                got = search(index, q, k + 1, nprobe=nprobe)
+            worst = min(worst, recall_at_k(*got, exact, k, exclude=ids))
+        return worst
+
+    best = None
+    for rerank in RERANK_FACTORS if fetch is not None else (0,):
+        nprobe = 1
+        while True:
+            r = recall(nprobe, rerank)
+            if r >= target or nprobe >= ivf.nlist:
+                break
+            nprobe = min(nprobe * 2, ivf.nlist)
+        if best is None or r > best[2]:
+            best = (nprobe, rerank, r)
+        if r >= target:
+            best = (nprobe, rerank, r)
             break
-        nprobe = min(nprobe * 2, ivf.nlist)
-    ivf.nprobe = nprobe
-    return nprobe, recall
+    ivf.nprobe = best[0]
+    return best
 
 
 def write_index(index: faiss.Index, path) -> str:

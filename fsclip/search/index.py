@@ -1,34 +1,29 @@
-"""`ImageIndex`: one folder holding an image collection's vectors, metadata and FAISS index.
+"""`ImageIndex`: an image collection's vectors and metadata in a store, searched by text or example.
 
-Layout of `my.idx/`:
-    meta.sqlite          files (path, size, mtime, inode, content hash, width, height, FAISS id), vectors,
-                         bad files, roots, model spec / dim / fingerprint, index id, schema version,
-                         the published generation and its FAISS file's checksum
-    vectors-<gen>.faiss  the FAISS index of the published generation
-    write.lock           held (flock) by the one process allowed to update
+The location picks the store (`fsclip.search.stores`): a folder is the FAISS store (the default),
+`PATH.db` embedded Milvus Lite, `milvus://HOST:PORT/COLLECTION` a Milvus server. The index records
+its model (spec, weights fingerprint, dim, runtime) when it is created, so opening it needs nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
-import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fsclip._io import atomic_dir, recover_dir
 from fsclip._paths import display_path
 from fsclip._version import __version__
 from fsclip.backends import Backend, load_model
@@ -36,18 +31,16 @@ from fsclip.backends.base import no_text_tower
 from fsclip.backends.registry import BUNDLED
 from fsclip.errors import DataError, IndexError_, UsageError
 from fsclip.images import ImageLoadError, load_image
-from fsclip.search import _snapshot, store
-from fsclip.search import faiss_index as fi
+from fsclip.search import catalog, stores
 from fsclip.search._scan import check_root, normpath
-from fsclip.search._snapshot import Snapshot, faiss_name
 from fsclip.search.faiss_index import AnnConfig
 from fsclip.search.query import Where, combine_queries
+from fsclip.search.stores import Entry, IndexChangedError, Snapshot, Store
 
 __all__ = ["FileIdentity", "ImageIndex", "IndexChangedError", "SearchHit", "Snapshot"]
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = "write.lock"
 MAX_K = 10_000
 ImageQuery = str | os.PathLike | Image.Image
 
@@ -79,12 +72,8 @@ def _spec_of(spec: str) -> str:
     return spec if spec in BUNDLED or not os.path.isdir(spec) else os.path.abspath(spec)
 
 
-class IndexChangedError(IndexError_):
-    """The index folder was replaced under a running reader in a way it cannot follow (another model)."""
-
-
 class ImageIndex:
-    """A searchable image collection on disk. Create with `create`, open with `open`.
+    """A searchable image collection. Create with `create`, open with `open`.
 
     Readers see the published generation only; `add`, `update` and `remove` stage their changes and
     publish them at the end, so a concurrent reader sees the old state or the new one, never a mix.
@@ -92,13 +81,13 @@ class ImageIndex:
     web service does per request) to answer them all from one state.
     """
 
-    def __init__(self, path: Path, backend: Backend | None, device: str | torch.device,
+    def __init__(self, store: Store, backend: Backend | None, device: str | torch.device,
                  dtype: str | torch.dtype | None, runtime: str = "torch"):
-        self.path = path
+        self.store = store
+        self.location = store.location
+        self.path = Path(store.location) if "://" not in store.location else None  # local indexes only
         self._backend = backend
         self._device, self._dtype, self._runtime = device, dtype, runtime
-        self._local = threading.local()
-        self._cons: list = []
         self._lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._snap: Snapshot | None = None
@@ -106,44 +95,43 @@ class ImageIndex:
 
     # -- opening
     @classmethod
-    def create(cls, path: str | os.PathLike, model: Backend | str, *, ann: AnnConfig | None = None,
+    def create(cls, path: str | os.PathLike, model: Backend | str | Mapping, *, ann: AnnConfig | None = None,
                overwrite: bool = False, device: str | torch.device = "auto",
                dtype: str | torch.dtype | None = None, runtime: str = "torch",
                calibration: Sequence | None = None) -> ImageIndex:
-        """Create an empty index for `model` (a loaded backend or a spec). Atomic: all or nothing.
+        """Create an empty index for `model` at `path` (a folder, `X.db` or `milvus://...`). Atomic for a folder.
 
-        `runtime` (see `fsclip.runtime`) runs the model when `model` is a spec, and later queries;
-        an ONNX runtime used for the first time is gated on the first images of `calibration` (e.g. the
-        folders about to be added).
+        `model` is a loaded backend, a spec, or the model record of an `fsclip embed` manifest (spec,
+        backend, fingerprint, dim, runtime: nothing is loaded then). `runtime` (see `fsclip.runtime`) runs
+        the model when `model` is a spec, and later queries; an ONNX runtime used for the first time is
+        gated on the first images of `calibration` (e.g. the folders about to be added).
         """
-        path = Path(path)
-        recover_dir(path)  # an overwrite that crashed midway: its old index is back before we look
-        if path.exists():
-            if not overwrite:
-                raise IndexError_(f"{path} already exists; open it, or overwrite it (--overwrite) to start over")
-            if not (path / store.DB_NAME).is_file():
-                raise IndexError_(f"{path} exists and is not an fsclip index; refusing to overwrite it")
-        backend = model if isinstance(model, Backend) else load_model(model, device=device, dtype=dtype,
-                                                                      runtime=runtime, calibration=calibration)
+        location = os.fspath(path)
+        engine = stores.engine_for(location)
+        if isinstance(model, Mapping):
+            record = {k: model[k] for k in ("spec", "backend", "fingerprint", "dim")}
+            record["runtime"] = model.get("runtime", "torch")
+            record["has_text"] = model.get("has_text", True)  # manifests from before the key: CLIP models
+            backend = None
+        else:
+            backend = model if isinstance(model, Backend) else load_model(model, device=device, dtype=dtype,
+                                                                          runtime=runtime, calibration=calibration)
+            record = {"spec": backend.spec, "backend": backend.name, "fingerprint": backend.fingerprint,
+                      "dim": backend.embed_dim, "runtime": backend.runtime, "has_text": backend.has_text}
         ann = ann or AnnConfig()
+        _check_budget(engine, ann.max_memory)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         info = {
-            "fsclip_version": __version__, "model_spec": _spec_of(backend.spec), "backend": backend.name,
-            "fingerprint": backend.fingerprint, "dim": backend.embed_dim, "runtime": backend.runtime,
-            "has_text": int(backend.has_text),
+            "fsclip_version": __version__, "model_spec": _spec_of(record["spec"]), "backend": record["backend"],
+            "fingerprint": record["fingerprint"], "dim": int(record["dim"]), "runtime": record["runtime"],
+            "has_text": int(record["has_text"]),
             "generation": 0, "kind": "flat",
             "count": 0, "ann": json.dumps(asdict(ann)), "created": now, "updated": now,
             "index_id": uuid.uuid4().hex,
         }
-        with atomic_dir(path, overwrite=True) as tmp:
-            info["faiss_checksum"] = fi.write_index(fi.new_flat(backend.embed_dim), tmp / faiss_name(0))
-            con = sqlite3.connect(tmp / store.DB_NAME, isolation_level=None)
-            try:
-                store.create_schema(con, info)
-            finally:
-                con.close()
-        logger.info("created index %s for model %s", path, backend.spec)
-        return cls.open(path, backend, device=device, dtype=dtype, runtime=runtime)
+        store = engine.create(location, {k: str(v) for k, v in info.items()}, overwrite=overwrite)
+        logger.info("created index %s (%s) for model %s", location, engine.engine, record["spec"])
+        return cls(store, backend, device, dtype, runtime)
 
     @classmethod
     def open(cls, path: str | os.PathLike, model: Backend | str | None = None, *,
@@ -154,22 +142,21 @@ class ImageIndex:
         `runtime` runs the model (see `fsclip.runtime`); any runtime of the index's weights can query
         and extend it, whichever one built it.
         """
-        path = Path(path)
-        recover_dir(path)
-        if not path.is_dir():
-            raise IndexError_(f"no index at {path}; build one with `fsclip index build PHOTOS --index {path}`")
-        index = cls(path, None, device, dtype, runtime)
+        index = cls(stores.open_store(os.fspath(path)), None, device, dtype, runtime)
         if model is not None:
             backend = model if isinstance(model, Backend) else index._load(model)
             index._check_model(backend)
             index._backend = backend
         return index
 
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        """Whether an index (or something in its way) is at `path`."""
+        location = os.fspath(path)
+        return stores.engine_for(location).exists(location)
+
     def close(self) -> None:
-        for con in self._cons:
-            con.close()
-        self._cons.clear()
-        self._local = threading.local()
+        self.store.close()
 
     def __enter__(self) -> ImageIndex:
         return self
@@ -181,6 +168,10 @@ class ImageIndex:
     @property
     def _info(self):
         return self._snap.info
+
+    @property
+    def engine(self) -> str:
+        return self.store.engine
 
     @property
     def dim(self) -> int:
@@ -232,93 +223,48 @@ class ImageIndex:
     def _check_model(self, backend: Backend) -> None:
         if backend.embed_dim != self.dim or not backend.matches_fingerprint(self.fingerprint):
             raise IndexError_(
-                f"index {self.path} was built with model {self.model_spec!r} (dim {self.dim}, fingerprint "
+                f"index {self.location} was built with model {self.model_spec!r} (dim {self.dim}, fingerprint "
                 f"{self.fingerprint}); model {backend.spec!r} (dim {backend.embed_dim}, fingerprint "
                 f"{backend.fingerprint}) cannot query it: use the index's model (omit --model) or rebuild"
             )
 
     # -- state
-    def _con(self, folder: tuple[int, int] | None = None) -> sqlite3.Connection:
-        """This thread's connection to the index folder `folder` (default: the current snapshot's)."""
-        folder = folder or self._snap.folder
-        local = self._local
-        if getattr(local, "folder", None) != folder:
-            old = getattr(local, "con", None)
-            if old is not None:  # the folder was replaced: this thread's old connection is done
-                old.close()
-                self._cons.remove(old)
-            local.con, local.folder = None, None
-            con = store.connect(self.path)
-            if _snapshot.folder_id(self.path) != folder:
-                con.close()
-                raise IndexChangedError(f"index {self.path} was replaced while it was being read; retry")
-            self._cons.append(con)
-            local.con, local.folder = con, folder
-        return local.con
-
     def snapshot(self) -> Snapshot:
         """The latest published state (refreshed first): pass it to several reads to answer from one state."""
         self.refresh()
         return self._snap
 
     def refresh(self) -> bool:
-        """Pick up a newer published generation, or the new index after the folder was replaced.
+        """Pick up a newer published generation, or the new index after it was replaced.
 
         Returns True when the state changed. A replacement built for another model raises
         `IndexChangedError` (a reader holding this model cannot query it); nothing of the old index is
-        served after its folder is gone.
+        served after it is gone.
         """
         with self._lock:
             current = self._snap
-            for _ in range(5):
-                folder = _snapshot.folder_id(self.path)
-                try:
-                    con = self._con(folder)
-                except IndexChangedError:
-                    continue
-                info = store.read_info(con, self.path)
-                gen = int(info["generation"])
-                if current is not None and current.folder == folder and current.generation == gen:
-                    return False
-                if current is not None and folder != current.folder:
-                    self._check_replacement(info)
-                try:
-                    index, damage = _snapshot.read_published(self.path, con, info), None
-                except _snapshot.Republished:
-                    continue
-                except _snapshot.Damaged as e:  # searches raise it; info shows it; update repairs it
-                    index, damage = None, str(e)
-                self._snap = Snapshot(gen, MappingProxyType(info), index, folder, damage)
-                return True
-            raise IndexError_(f"index {self.path} changed repeatedly while opening; try again")
+            snap = self.store.snapshot(current)
+            if snap is current:
+                return False
+            if current is not None and snap.token != current.token:
+                self._check_replacement(snap.info)
+            self._snap = snap
+            return True
 
-    def _check_replacement(self, info: dict[str, str]) -> None:
+    def _check_replacement(self, info: Mapping[str, str]) -> None:
         old = self._snap.info
         if (info["dim"], info["fingerprint"]) != (old["dim"], old["fingerprint"]):
             raise IndexChangedError(
-                f"index {self.path} was replaced by an index for model {info['model_spec']!r}; this process "
+                f"index {self.location} was replaced by an index for model {info['model_spec']!r}; this process "
                 f"holds model {old['model_spec']!r}: restart it to use the new index")
-        logger.warning("index %s was replaced (index id %s -> %s); reading the new one", self.path,
+        logger.warning("index %s was replaced (index id %s -> %s); reading the new one", self.location,
                        old.get("index_id"), info.get("index_id"))
 
     @contextlib.contextmanager
     def _writer(self) -> Iterator:
-        """The write lock (one updater per index; released by the OS if the process dies) and a connection."""
-        import fcntl
-
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise IndexError_(f"{self.path} is being updated by another process; wait for it to finish") from None
-            con = store.connect(self.path, write=True)
-            try:
-                yield con
-            finally:
-                con.close()
-        finally:
-            os.close(fd)
+        """The write lock (one updater per index; released by the OS if the process dies) and the catalog."""
+        with self.store.writer() as con:
+            yield con
         self.refresh()
 
     # -- changes
@@ -342,6 +288,30 @@ class ImageIndex:
         _check_run_options(batch_size, num_workers)
         return sync(self, None, register=False, batch_size=batch_size, num_workers=num_workers, progress=progress)
 
+    def load_embeddings(self, folder: str | os.PathLike, *, paths: Sequence[str | os.PathLike] = (),
+                        batch_size: int = 32, num_workers: int | None = None, progress: bool = False):
+        """Add the rows of an `fsclip embed` output folder without re-encoding (see `update.load_embeddings`),
+        then, with `paths`, `add` those folders: what the shards hold is not embedded again, the rest is,
+        and the folders are served and kept up to date like any others."""
+        from fsclip.search.update import combine, load_embeddings
+
+        roots = [normpath(p) for p in _as_list(paths)]
+        for root in roots:
+            check_root(root)
+        report = load_embeddings(self, os.fspath(folder), under=roots, progress=progress)
+        if roots:
+            report = combine(report, self.add(roots, batch_size=batch_size, num_workers=num_workers,
+                                              progress=progress))
+        return report
+
+    def set_max_memory(self, max_memory: int | None) -> None:
+        """Change the memory budget of the searchable index (None: no limit); the next `update` rebuilds
+        the index if it no longer fits, or if a more accurate one now does."""
+        from fsclip.search.update import set_ann
+
+        _check_budget(type(self.store), max_memory)
+        set_ann(self, dataclasses.replace(self.ann, max_memory=max_memory))
+
     def remove(self, paths: Sequence[str | os.PathLike]) -> int:
         """Remove files, or everything under folders; they stay out on later updates. Returns the count."""
         from fsclip.search.update import remove
@@ -350,62 +320,61 @@ class ImageIndex:
 
     # -- reading
     def roots(self) -> list[str]:
-        return [store.fs_path(r[0]) for r in self._con().execute("SELECT path FROM roots ORDER BY path")]
+        return self.store.roots(self._snap)
 
     def errors(self) -> list[dict]:
         """Bad files skipped by builds, and folders that could not be read: `{"path", "reason"}`."""
-        return [dict(path=store.fs_path(r["path"]), reason=r["reason"])
-                for r in self._con().execute("SELECT path, reason FROM errors ORDER BY path")]
+        con = self.store.catalog(self._snap)
+        if con is None:
+            return []
+        return [dict(path=catalog.fs_path(r["path"]), reason=r["reason"])
+                for r in con.execute("SELECT path, reason FROM errors ORDER BY path")]
 
     def lookup(self, path: str | os.PathLike, snapshot: Snapshot | None = None) -> SearchHit | None:
         """The indexed entry stored under exactly `path` (score 1.0), or None. Never touches the disk."""
-        snap = snapshot or self._snap
-        row = self._con(snap.folder).execute(
-            f"SELECT * FROM files WHERE path = :path AND {store.VISIBLE}",
-            {"path": store.db_path(path), "gen": snap.generation},
-        ).fetchone()
-        return None if row is None else _hit(row, 1.0)
+        entry = self.store.lookup(snapshot or self._snap, os.fspath(path))
+        return None if entry is None else _hit(entry, 1.0)
 
     def identity(self, hit: SearchHit, snapshot: Snapshot | None = None) -> FileIdentity:
         """What was indexed as `hit`: (dev, inode, size, mtime_ns) of the file that was embedded."""
-        snap = snapshot or self._snap
-        row = self._con(snap.folder).execute("SELECT dev, ino, size, mtime_ns FROM files WHERE id = ?",
-                                             (hit.id,)).fetchone()
-        if row is None:
-            raise IndexChangedError(f"index {self.path} changed while it was being read; retry")
-        return FileIdentity(*row)
+        entry = self.store.entry(snapshot or self._snap, hit.id)
+        if entry is None:
+            raise IndexChangedError(f"index {self.location} changed while it was being read; retry")
+        return FileIdentity(entry.dev, entry.ino, entry.size, entry.mtime_ns)
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All visible `(ids (N,), vectors (N, D))`, in id order."""
-        snap = self._snap
-        parts = list(store.iter_vectors(self._con(snap.folder), store.VISIBLE, {"gen": snap.generation}, self.dim))
+        parts = list(self.store.iter_vectors(self._snap))
         if not parts:
             return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        ids, vecs = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        order = np.argsort(ids, kind="stable")
+        return ids[order], vecs[order]
 
     def info(self) -> dict:
         snap = self.snapshot()
-        con = self._con(snap.folder)
         info = snap.info
-        pending = con.execute("SELECT count(*) FROM files WHERE added_gen > ? AND removed_gen IS NULL",
-                              (snap.generation,)).fetchone()[0]
-        n_err = con.execute("SELECT count(*) FROM errors").fetchone()[0]
-        kind = snap.kind
-        index = {"kind": kind}
-        if kind == "ivf":
-            index.update(nlist=int(info.get("nlist", 0)), nprobe=int(info.get("nprobe", 0)),
-                         tuned_recall_at_10=float(info.get("tuned_recall", "nan")))
+        con = self.store.catalog(snap)
+        pending = n_err = None
+        excluded: list[str] = []
+        if con is not None:
+            pending = con.execute("SELECT count(*) FROM files WHERE added_gen > ? AND removed_gen IS NULL",
+                                  (snap.generation,)).fetchone()[0]
+            n_err = con.execute("SELECT count(*) FROM errors").fetchone()[0]
+            excluded = [catalog.fs_path(r[0]) for r in con.execute("SELECT path FROM excludes ORDER BY path")]
+        if n_err is None and "bad_files" in info:
+            n_err = int(info["bad_files"])
         return {
-            "path": str(self.path), "images": snap.count, "bad_files": n_err, "model": self.model_spec,
+            "path": self.location, "images": snap.count, "bad_files": n_err, "model": self.model_spec,
             "has_text": self.has_text,
             "backend": info.get("backend"), "runtime": info.get("runtime", "torch"), "fingerprint": self.fingerprint,
-            "dim": self.dim, "index": index,
-            "generation": snap.generation, "pending": pending, "roots": self.roots(),
-            "excluded": [store.fs_path(r[0]) for r in con.execute("SELECT path FROM excludes ORDER BY path")],
-            "ann_threshold": self.ann.ann_threshold, "schema_version": int(info["schema_version"]),
+            "dim": self.dim, "index": {"kind": snap.kind},
+            "generation": snap.generation, "pending": pending, "roots": self.roots(), "excluded": excluded,
+            "ann_threshold": self.ann.ann_threshold, "max_memory": self.ann.max_memory,
+            "schema_version": int(info["schema_version"]),
             "fsclip_version": info.get("fsclip_version"), "created": info.get("created"),
             "updated": info.get("updated"), "index_id": snap.index_id, "damaged": snap.damage,
-            "disk_bytes": sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()),
+            "disk_bytes": None, **self.store.describe(snap),
         }
 
     # -- queries
@@ -424,7 +393,7 @@ class ImageIndex:
             path = normpath(image)
             hit = self.lookup(path, snap)
             if hit is not None:
-                return store.vectors_for(self._con(snap.folder), [hit.id], self.dim)[0]
+                return self.store.vectors(snap, np.array([hit.id], np.int64))[0]
             try:
                 image = load_image(path)
             except ImageLoadError as e:
@@ -474,20 +443,13 @@ class ImageIndex:
             raise UsageError(f"query vectors must have shape (B, {self.dim}), got {tuple(queries.shape)}")
         where = Where.from_dict(where)
         snap = snapshot or self.snapshot()
-        index, gen, con = snap.searchable(), snap.generation, self._con(snap.folder)
-        allowed = None
-        if where is not None and not where.is_empty():
-            cond, params = where.to_sql()
-            allowed = store.ids_where(con, f"{store.VISIBLE} AND ({cond})", {"gen": gen, **params})
-            if len(allowed) == 0:
-                return [[] for _ in queries]
-        scores, ids = fi.search(index, queries, int(k), allowed)
-        rows = store.rows_for(con, {int(i) for i in ids.ravel() if i >= 0})
-        return [[_hit(rows[int(i)], float(s)) for s, i in zip(srow, irow) if i >= 0 and int(i) in rows]
-                for srow, irow in zip(scores, ids)]
+        snap.searchable()
+        return [[_hit(entry, score) for score, entry in hits]
+                for hits in self.store.search(snap, queries, int(k), where)]
 
     def __repr__(self) -> str:
-        return f"ImageIndex({str(self.path)!r}, images={len(self)}, model={self.model_spec!r}, kind={self.kind!r})"
+        return (f"ImageIndex({self.location!r}, engine={self.engine!r}, images={len(self)}, "
+                f"model={self.model_spec!r}, kind={self.kind!r})")
 
 
 class FileIdentity(NamedTuple):
@@ -497,6 +459,12 @@ class FileIdentity(NamedTuple):
     ino: int | None
     size: int
     mtime_ns: int
+
+
+def _check_budget(engine: type[Store], max_memory: int | None) -> None:
+    if max_memory is not None and not engine.supports_max_memory:
+        raise UsageError(f"a memory budget (--max-memory) sizes the FAISS index; a {engine.engine} index keeps "
+                         "its memory where the engine runs (choose its index type there)")
 
 
 def _check_run_options(batch_size, num_workers) -> None:
@@ -512,6 +480,6 @@ def _check_k(k) -> None:
         raise UsageError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
 
 
-def _hit(row, score: float) -> SearchHit:
-    return SearchHit(path=store.fs_path(row["path"]), score=score, id=int(row["id"]), width=row["width"],
-                     height=row["height"], size=int(row["size"]), mtime=row["mtime_ns"] / 1e9)
+def _hit(entry: Entry, score: float) -> SearchHit:
+    return SearchHit(path=entry.path, score=score, id=entry.id, width=entry.width, height=entry.height,
+                     size=entry.size, mtime=entry.mtime_ns / 1e9)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 
@@ -11,7 +13,7 @@ import torch
 
 from fsclip.errors import UsageError
 
-__all__ = ["Where", "check_glob", "combine_queries", "parse_time"]
+__all__ = ["Where", "check_glob", "combine_queries", "glob_regex", "parse_time"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # Times a filter can name: the dates Python can write (years 1-9999, any time zone). mtimes are stored
@@ -107,6 +109,55 @@ class Where:
                 conds.append(f"{column} {op} :w_{name}")
                 params[f"w_{name}"] = value
         return (" AND ".join(conds) or "1"), params
+
+
+    def bounds_ns(self) -> tuple[int | None, int | None]:
+        """`(modified_after, modified_before)` as int64 nanoseconds (None where unset)."""
+        return (None if self.modified_after is None else _ns(self.modified_after),
+                None if self.modified_before is None else _ns(self.modified_before))
+
+    def matches(self, path: str, mtime_ns: int, width: int | None, height: int | None) -> bool:
+        """Whether one entry passes the filter (what `to_sql` selects, for engines that filter elsewhere)."""
+        if self.path_glob is not None and not glob_regex(self.path_glob).fullmatch(path):
+            return False
+        if self.path_prefix is not None and not path.startswith(self.path_prefix):
+            return False
+        after, before = self.bounds_ns()
+        if (after is not None and mtime_ns < after) or (before is not None and mtime_ns >= before):
+            return False
+        for value, lo, hi in ((width, self.min_width, self.max_width), (height, self.min_height, self.max_height)):
+            if (lo is not None or hi is not None) and value is None:
+                return False  # SQL: a comparison with NULL is not true
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                return False
+        return True
+
+
+@functools.lru_cache(maxsize=256)
+def glob_regex(pattern: str) -> re.Pattern:
+    """SQLite's GLOB as a regular expression (use `fullmatch`): `*` any run (`/` too), `?` one character,
+    `[...]` a class (`[^...]` negated, `]` first is a member, `a-z` ranges); case-sensitive."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = i + 1
+            negate = j < len(pattern) and pattern[j] == "^"
+            j += negate
+            start = j
+            j += j < len(pattern) and pattern[j] == "]"
+            end = pattern.index("]", j)  # `check_glob` guarantees one
+            members = "".join("\\" + ch if ch in "\\^[]" else ch for ch in pattern[start:end])
+            out.append(f"[{'^' if negate else ''}{members}]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
 
 
 def _ns(seconds: float) -> int:

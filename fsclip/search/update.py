@@ -1,44 +1,42 @@
 """Building and updating an index: scan, diff, embed in committed batches, publish a new generation.
 
-Every encoded batch is one SQLite transaction, so a build killed at any point (Ctrl-C, kill -9, power
-loss) keeps what it committed; the same command then finds those files staged with their size and mtime,
-skips them, embeds the rest and publishes once. Nothing is visible to readers before `_publish`.
+All of it works on the catalog (`fsclip.search.catalog`), whatever the catalog. Every encoded batch is
+one SQLite transaction, so a build killed at any point (Ctrl-C, kill -9, power loss) keeps what it
+committed; the same command then finds those files staged with their size and mtime, skips them,
+embeds the rest and publishes once. Nothing is visible to readers before the store publishes it.
+`load_embeddings` stages the rows of `fsclip embed` shards the same way, without the model.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from importlib import resources
 
-import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
 from fsclip._paths import display_path
 from fsclip.encode import iter_encoded
-from fsclip.errors import IndexError_, ModelLoadError
+from fsclip.errors import FsclipError, IndexError_, ModelLoadError
 from fsclip.images import ImageLoadError
-from fsclip.search import faiss_index as fi
-from fsclip.search import store
-from fsclip.search._scan import probe, under, walk
-from fsclip.search._snapshot import Damaged, Republished, faiss_name, read_published
+from fsclip.search import catalog
+from fsclip.search._scan import normpath, probe, under, walk
+from fsclip.search.faiss_index import AnnConfig
 
-__all__ = ["UpdateReport", "remove", "sync"]
+__all__ = ["UpdateReport", "combine", "load_embeddings", "remove", "set_ann", "sync"]
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 512  # files hashed, then embedded, per round; bounds memory whatever the collection size
-RETUNE_FRACTION = 0.05  # re-tune IVF nprobe once this fraction of the collection has changed
+LOAD_BATCH = 4096  # rows of `fsclip embed` shards staged per transaction
 
 
 @dataclass(frozen=True)
@@ -47,6 +45,7 @@ class UpdateReport:
 
     Attributes:
         embedded: images run through the model.
+        loaded: rows loaded from `fsclip embed` shards (`load_embeddings`).
         reused: new or changed paths whose content was already indexed (moved, renamed, copied,
             touched): their stored vector was reused, not recomputed.
         unchanged: files with the same size and mtime as indexed.
@@ -63,6 +62,7 @@ class UpdateReport:
     """
 
     embedded: int = 0
+    loaded: int = 0
     reused: int = 0
     unchanged: int = 0
     resumed: int = 0
@@ -82,20 +82,12 @@ class UpdateReport:
         return d
 
 
-@contextlib.contextmanager
-def _tx(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    con.execute("BEGIN IMMEDIATE")
-    try:
-        yield con
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
+_tx = catalog.tx
 
 
 def _range(root: str) -> tuple[bytes, bytes]:
     """[lo, hi) bounds of the stored paths strictly under `root`, for an index range scan."""
-    prefix = store.db_path(root)
+    prefix = catalog.db_path(root)
     prefix = prefix if prefix.endswith(b"/") else prefix + b"/"
     return prefix, prefix[:-1] + bytes([prefix[-1] + 1])
 
@@ -138,18 +130,11 @@ def _fail(con: sqlite3.Connection, item: tuple, reason: str, new: int) -> None:
 
 def _safe_probe(path: bytes) -> tuple | str:
     try:
-        return probe(store.fs_path(path))
+        return probe(catalog.fs_path(path))
     except ImageLoadError as e:
         return str(e)
     except OSError as e:
         return f"cannot read: {e.strerror or e}"
-
-
-def _collect_garbage(con: sqlite3.Connection, gen: int) -> None:
-    """Forget rows removed before the published generation (readers that could see them have moved on)."""
-    with _tx(con):
-        con.execute("DELETE FROM vectors WHERE id IN (SELECT id FROM files WHERE removed_gen <= ?)", (gen,))
-        con.execute("DELETE FROM files WHERE removed_gen <= ?", (gen,))
 
 
 def _scan(con: sqlite3.Connection, roots: list[str], excludes: frozenset[str],
@@ -164,7 +149,7 @@ def _scan(con: sqlite3.Connection, roots: list[str], excludes: frozenset[str],
         for root in roots:
             rows = []
             for entry in walk(root, excludes, unreadable):
-                rows.append((store.db_path(entry.path), *entry[1:]))
+                rows.append((catalog.db_path(entry.path), *entry[1:]))
                 if len(rows) >= 4096:
                     _insert_scan(con, rows)
                     bar.update(len(rows))
@@ -189,16 +174,16 @@ def _remove_missing(con: sqlite3.Connection, scanned: list[str], keep: list[str]
         for root in scanned:
             lo, hi = _range(root)
             cond = "(path = :root OR (path >= :lo AND path < :hi)) AND path NOT IN (SELECT path FROM scan)"
-            params = {"root": store.db_path(root), "lo": lo, "hi": hi}
+            params = {"root": catalog.db_path(root), "lo": lo, "hi": hi}
             gone = con.execute(f"SELECT id, added_gen, path FROM files WHERE removed_gen IS NULL AND {cond}",
                                params).fetchall()
             for row_id, added_gen, path in gone:
-                if any(under(store.fs_path(path), r) for r in keep):
+                if any(under(catalog.fs_path(path), r) for r in keep):
                     continue
                 _drop(con, row_id, added_gen, new)
                 removed += added_gen < new  # staged-only rows were never visible
             for (path,) in con.execute(f"SELECT path FROM errors WHERE {cond}", params).fetchall():
-                if not any(under(store.fs_path(path), r) for r in keep):
+                if not any(under(catalog.fs_path(path), r) for r in keep):
                     con.execute("DELETE FROM errors WHERE path = ?", (path,))
     return removed
 
@@ -206,7 +191,7 @@ def _remove_missing(con: sqlite3.Connection, scanned: list[str], keep: list[str]
 def _record_unreadable(con: sqlite3.Connection, unreadable: list[tuple[str, str]]) -> None:
     with _tx(con):
         con.executemany("INSERT OR REPLACE INTO errors (path, reason) VALUES (?, ?)",
-                        [(store.db_path(p), f"cannot read folder: {reason}; its entries are kept")
+                        [(catalog.db_path(p), f"cannot read folder: {reason}; its entries are kept")
                          for p, reason in unreadable])
     for path, reason in unreadable:
         logger.warning("cannot read folder %s (%s); keeping its entries", display_path(path), reason)
@@ -225,11 +210,12 @@ ORDER BY s.path LIMIT :n
 
 
 def _backfill_identity(con: sqlite3.Connection) -> None:
-    """Entries from a schema-1 index have no device/inode: take them from the scan where size and mtime match."""
+    """Entries without device/inode (from a schema-1 index, or loaded from embeddings): take them from the
+    scan where size and mtime match. Driven by the scan, so entries outside the scanned roots cost nothing."""
     with _tx(con):
         con.execute("""
             UPDATE files SET (dev, ino) = (SELECT s.dev, s.ino FROM scan s WHERE s.path = files.path)
-            WHERE ino IS NULL AND removed_gen IS NULL AND EXISTS (
+            WHERE path IN (SELECT path FROM scan) AND ino IS NULL AND removed_gen IS NULL AND EXISTS (
                 SELECT 1 FROM scan s WHERE s.path = files.path AND s.size = files.size
                 AND s.mtime_ns = files.mtime_ns)""")
 
@@ -244,6 +230,18 @@ def _counts(con: sqlite3.Connection, gen: int) -> dict[str, int]:
     total = q("SELECT count(*) FROM scan")
     return dict(unchanged=unchanged, resumed=resumed, known_bad=known_bad,
                 todo=total - unchanged - resumed - known_bad)
+
+
+def _known_vector(con: sqlite3.Connection, index, digest: str) -> bytes | None:
+    """The stored vector of content already indexed (in the catalog, or only in the store), or None."""
+    row = con.execute("SELECT f.id, v.vec FROM files f LEFT JOIN vectors v ON v.id = f.id WHERE f.hash = ? "
+                      "ORDER BY v.vec IS NULL LIMIT 1", (digest,)).fetchone()
+    if row is None:
+        return None
+    if row[1] is not None:
+        return row[1]
+    vec = index.store.stored_vector(con, row[0])
+    return None if vec is None else catalog.to_blob(vec)
 
 
 def _embed(con, index, new: int, todo: int, batch_size: int, num_workers: int | None,
@@ -267,17 +265,16 @@ def _embed(con, index, new: int, todo: int, batch_size: int, num_workers: int | 
                     for item, meta in zip(chunk, metas):
                         if isinstance(meta, str):
                             _fail(con, item, meta, new)
-                            logger.warning("skipping %s: %s", display_path(store.fs_path(item[0])), meta)
+                            logger.warning("skipping %s: %s", display_path(catalog.fs_path(item[0])), meta)
                             counts["failed"] += 1
                             bar.update(1)
                             continue
                         if meta[0] in twins:
                             twins[meta[0]].append((item, meta))
                             continue
-                        known = con.execute("SELECT v.vec FROM files f JOIN vectors v ON v.id = f.id "
-                                            "WHERE f.hash = ? LIMIT 1", (meta[0],)).fetchone()
+                        known = _known_vector(con, index, meta[0])
                         if known is not None:
-                            _put(con, item, meta, known[0], new)
+                            _put(con, item, meta, known, new)
                             counts["reused"] += 1
                             bar.update(1)
                         else:
@@ -285,7 +282,7 @@ def _embed(con, index, new: int, todo: int, batch_size: int, num_workers: int | 
                             twins[meta[0]] = []
                 if not to_embed:
                     continue
-                paths = [store.fs_path(item[0]) for item, _ in to_embed]
+                paths = [catalog.fs_path(item[0]) for item, _ in to_embed]
                 # the model loads only once something needs embedding: a no-op update stays instant
                 for batch in iter_encoded(index.backend, paths, batch_size=batch_size, num_workers=num_workers):
                     feats = batch.features.cpu().numpy()  # (len(indices), D)
@@ -293,7 +290,7 @@ def _embed(con, index, new: int, todo: int, batch_size: int, num_workers: int | 
                     with _tx(con):
                         for row, i in enumerate(batch.indices):
                             item, meta = to_embed[i]
-                            blob = store.to_blob(feats[row])
+                            blob = catalog.to_blob(feats[row])
                             _put(con, item, meta, blob, new)
                             for twin, twin_meta in twins[meta[0]]:
                                 _put(con, twin, twin_meta, blob, new)
@@ -317,19 +314,18 @@ def sync(index, roots: list[str] | None, *, register: bool, batch_size: int = 32
     """Bring the index in line with the files under `roots` (all stored roots when None), then publish."""
     t0 = time.perf_counter()
     with index._writer() as con:
-        gen = int(store.read_info(con)["generation"])
+        gen = index.store.begin(con)
         new = gen + 1
         if register:
             with _tx(con):
                 for root in roots:
-                    con.execute("INSERT OR IGNORE INTO roots (path) VALUES (?)", (store.db_path(root),))
+                    con.execute("INSERT OR IGNORE INTO roots (path) VALUES (?)", (catalog.db_path(root),))
                     lo, hi = _range(root)
                     con.execute("DELETE FROM excludes WHERE path = ? OR (path >= ? AND path < ?)",
-                                (store.db_path(root), lo, hi))
-        all_roots = [store.fs_path(r[0]) for r in con.execute("SELECT path FROM roots ORDER BY path")]
+                                (catalog.db_path(root), lo, hi))
+        all_roots = [catalog.fs_path(r[0]) for r in con.execute("SELECT path FROM roots ORDER BY path")]
         roots = all_roots if roots is None else roots
-        _collect_garbage(con, gen)
-        excludes = frozenset(store.fs_path(r[0]) for r in con.execute("SELECT path FROM excludes"))
+        excludes = frozenset(catalog.fs_path(r[0]) for r in con.execute("SELECT path FROM excludes"))
         present = [r for r in roots if os.path.isdir(r) or os.path.isfile(r)]
         missing = tuple(r for r in roots if r not in present)
         for r in missing:
@@ -348,138 +344,152 @@ def sync(index, roots: list[str] | None, *, register: bool, batch_size: int = 32
                         unreadable=tuple(unreadable), kind=kind, seconds=time.perf_counter() - t0)
 
 
+def combine(load: UpdateReport, scan: UpdateReport) -> UpdateReport:
+    """One report for a load of embeddings followed by a scan of the folders."""
+    return dataclasses.replace(scan, loaded=load.loaded, failed=load.failed + scan.failed,
+                               seconds=load.seconds + scan.seconds)
+
+
+def load_embeddings(index, folder: str, *, under: list[str] = (), progress: bool = False) -> UpdateReport:
+    """Load the rows of a finished `fsclip embed` output folder into the index, without re-encoding.
+
+    The shards' model (weights fingerprint and dim, from the manifest) must be the index's. A path
+    already indexed with the same content hash, size and mtime is left as it is, so loading the same
+    shards twice adds nothing; a path indexed with other content is replaced. Paths need not exist
+    here: the index records their path and hash, and serving checks the file as it always does (its
+    device/inode are recorded when the file is here with the recorded size and mtime). Files the embed
+    run could not use are recorded as bad files, except those under the index's folders or `under` (a
+    scan of those reports them itself). Nothing is removed (`remove` does that). Staged in
+    committed batches, so a killed load resumes.
+    """
+    from fsclip.embed import iter_tables, read_manifest
+
+    t0 = time.perf_counter()
+    under = [normpath(r) for r in under] + index.roots()
+    manifest = read_manifest(folder)
+    model = manifest.get("model", {})
+    if (str(model.get("fingerprint")), int(model.get("dim", 0))) != (index.fingerprint, index.dim):
+        raise IndexError_(
+            f"{folder} holds embeddings of model {model.get('spec')!r} (dim {model.get('dim')}, fingerprint "
+            f"{model.get('fingerprint')}); index {index.location} was built with {index.model_spec!r} (dim "
+            f"{index.dim}, fingerprint {index.fingerprint}): embed with the index's model, or build a new index")
+    counts = dict(loaded=0, unchanged=0, resumed=0, failed=0)
+    bar = tqdm(total=int(manifest.get("rows", 0)), unit="row", desc="loading", disable=None if progress else True)
+    with index._writer() as con:
+        gen = index.store.begin(con)
+        new = gen + 1
+        try:
+            for table in iter_tables(folder):
+                for batch in table.to_batches(max_chunksize=LOAD_BATCH):
+                    with _tx(con):
+                        _load_batch(con, batch, index.dim, gen, new, counts)
+                    bar.update(batch.num_rows)
+        finally:
+            bar.close()
+        with _tx(con):
+            for failed in manifest.get("failed", []):
+                if any(_under(failed["path"], root) for root in under):
+                    continue
+                path = catalog.db_path(failed["path"])
+                if con.execute("SELECT 1 FROM files WHERE path = ? AND removed_gen IS NULL", (path,)).fetchone():
+                    continue  # indexed meanwhile (e.g. from a later run): the record is stale
+                con.execute("INSERT OR REPLACE INTO errors (path, reason) VALUES (?, ?)",
+                            (path, f"fsclip embed: {failed['reason']}"))
+                counts["failed"] += 1
+        if counts["loaded"]:
+            _note_runtime(con, model.get("runtime", "torch"))
+        kind, total = _publish(index, con, gen, new, progress)
+    return UpdateReport(**counts, total=total, kind=kind, seconds=time.perf_counter() - t0)
+
+
+def _under(path: str, root: str) -> bool:
+    return "://" not in path and under(normpath(path), root)
+
+
+def _load_batch(con: sqlite3.Connection, batch, dim: int, gen: int, new: int, counts: dict[str, int]) -> None:
+    """Stage one record batch of an `fsclip embed` shard (see `load_embeddings`)."""
+    column = batch.column("embedding")
+    # flatten(), not .values: a batch is a slice of its shard, and .values ignores the slice
+    vecs = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
+    if vecs.shape[1] != dim:
+        raise IndexError_(f"embeddings of dim {vecs.shape[1]} cannot go into an index of dim {dim}")
+    vecs = vecs.astype(np.float32)  # float16 shards (`fsclip embed --fp16`) widen exactly
+    rows = zip(*(batch.column(c).to_pylist() for c in ("path", "hash", "size", "mtime_ns", "width", "height")))
+    for (path, digest, size, mtime_ns, width, height), vec in zip(rows, vecs):
+        key = catalog.db_path(path)
+        mtime_ns = mtime_ns or 0  # a remote store that did not say
+        cur = con.execute("SELECT hash, size, mtime_ns, added_gen FROM files WHERE path = ? AND removed_gen IS NULL",
+                          (key,)).fetchone()
+        if cur is not None and (cur[0], cur[1], cur[2]) == (digest, size, mtime_ns):
+            counts["resumed" if cur[3] > gen else "unchanged"] += 1
+            continue
+        dev = ino = None
+        if "://" not in path:
+            try:
+                st = os.stat(path)
+                if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):  # the file that was embedded
+                    dev, ino = st.st_dev, st.st_ino
+            except OSError:
+                pass
+        _put(con, (key, size, mtime_ns, dev, ino), (digest, width, height), catalog.to_blob(vec), new)
+        counts["loaded"] += 1
+
+
 def _note_runtime(con: sqlite3.Connection, runtime: str) -> None:
     """The index's `runtime`: every runtime whose vectors it holds (comma-separated)."""
-    recorded = store.read_info(con).get("runtime", "torch")
+    recorded = catalog.read_info(con).get("runtime", "torch")
     runtimes = sorted({*recorded.split(","), runtime})
     with _tx(con):
-        store.set_info(con, runtime=",".join(runtimes))
+        catalog.set_info(con, runtime=",".join(runtimes))
 
 
 def remove(index, paths: list[str]) -> int:
     """Remove files / folders from the index and keep them out of later updates."""
     with index._writer() as con:
-        gen = int(store.read_info(con)["generation"])
+        gen = index.store.begin(con)
         new = gen + 1
-        roots = [store.fs_path(r[0]) for r in con.execute("SELECT path FROM roots")]
+        roots = [catalog.fs_path(r[0]) for r in con.execute("SELECT path FROM roots")]
         removed = 0
         with _tx(con):
             for path in paths:
                 lo, hi = _range(path)
                 cond = "(path = :p OR (path >= :lo AND path < :hi))"
-                params = {"p": store.db_path(path), "lo": lo, "hi": hi}
+                params = {"p": catalog.db_path(path), "lo": lo, "hi": hi}
                 for row_id, added_gen in con.execute(
                         f"SELECT id, added_gen FROM files WHERE removed_gen IS NULL AND {cond}", params).fetchall():
                     _drop(con, row_id, added_gen, new)
                     removed += added_gen < new
                 con.execute(f"DELETE FROM errors WHERE {cond}", params)
                 if path in roots:
-                    con.execute("DELETE FROM roots WHERE path = ?", (store.db_path(path),))
+                    con.execute("DELETE FROM roots WHERE path = ?", (catalog.db_path(path),))
                 elif any(under(path, r) for r in roots):
-                    con.execute("INSERT OR IGNORE INTO excludes (path) VALUES (?)", (store.db_path(path),))
+                    con.execute("INSERT OR IGNORE INTO excludes (path) VALUES (?)", (catalog.db_path(path),))
         _publish(index, con, gen, new, progress=False)
     return removed
 
 
 def _publish(index, con: sqlite3.Connection, gen: int, new: int, progress: bool) -> tuple[str, int]:
-    """Write the FAISS index for generation `new` (atomically), then make it the published one.
+    """Everything is staged for generation `new`: have the store publish it. Returns (kind, count)."""
+    ann = AnnConfig(**json.loads(catalog.read_info(con)["ann"]))
+    return index.store.publish(con, gen, new, ann=ann, text_queries=lambda: _tuning_vectors(index),
+                               progress=progress)
 
-    Returns (kind, count). With nothing staged the published generation stays as it is, unless its
-    FAISS file is damaged: then it is rebuilt from the vectors in SQLite.
-    """
-    info = store.read_info(con, index.path)
-    dim = int(info["dim"])
-    live = "removed_gen IS NULL"
-    n = con.execute(f"SELECT count(*) FROM files WHERE {live}").fetchone()[0]
-    added = con.execute(f"SELECT count(*) FROM files WHERE added_gen = ? AND {live}", (new,)).fetchone()[0]
-    gone = store.ids_where(con, "removed_gen = :new AND added_gen <= :gen", {"new": new, "gen": gen})
+
+def set_ann(index, ann: AnnConfig) -> None:
+    """Record new index settings; the next publish applies them."""
+    with index._writer() as con, _tx(con):
+        catalog.set_info(con, ann=json.dumps(asdict(ann)))
+
+
+def _tuning_vectors(index) -> np.ndarray | None:
+    """The index's model's embeddings of `tuning_queries()`, or None when it cannot give them."""
     try:
-        current = read_published(index.path, con, info)
-    except (Damaged, Republished) as e:  # Republished cannot happen under the write lock
-        logger.warning("%s: rebuilding it from %s", str(e).split(";")[0], store.DB_NAME)
-        current = None
-    if current is not None and not added and not len(gone):
-        return fi.index_kind(current), int(current.ntotal)
-
-    cfg = index.ann
-    cur_kind = fi.index_kind(current) if current is not None else None
-    kind = fi.choose_kind(n, cfg, cur_kind)
-    if kind == "flat" and n >= cfg.ann_threshold:
-        logger.warning("%d images: exact search; an approximate (IVF) index needs at least %d to train",
-                       n, fi.MIN_IVF)
-    trained_n = int(info.get("ivf_trained_n", 0))
-    changed = int(info.get("changed_since_tune", 0)) + added + len(gone)
-    meta: dict = {}
-    if kind != cur_kind or (kind == "ivf" and fi.needs_retrain(trained_n, n)):
-        del current
-        built = _build(con, kind, n, dim, cfg, progress)
-        meta.update(ivf_trained_n=n if kind == "ivf" else 0)
-        changed = n  # forces tuning below
-    else:
-        built = current
-        if len(gone):
-            built.remove_ids(faiss_selector(gone))
-        for ids, vecs in store.iter_vectors(con, f"added_gen = :new AND {live}", {"new": new}, dim):
-            built.add_with_ids(vecs, ids)
-    if kind == "ivf" and changed >= RETUNE_FRACTION * n:
-        nprobe, recall = _tune(con, index, built, dim, cfg)
-        ivf = faiss.extract_index_ivf(built)
-        meta.update(nlist=ivf.nlist, nprobe=nprobe, tuned_recall=f"{recall:.4f}")
-        changed = 0
-        logger.info("IVF nlist=%d: nprobe=%d gives recall@10 %.3f on sample queries", ivf.nlist, nprobe, recall)
-    if int(built.ntotal) != n:
-        raise IndexError_(f"index is inconsistent: FAISS holds {built.ntotal} vectors, metadata {n}")
-    checksum = fi.write_index(built, index.path / faiss_name(new))
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    with _tx(con):
-        store.set_info(con, generation=new, kind=kind, count=n, changed_since_tune=changed, updated=now,
-                       faiss_checksum=checksum, **meta)
-    for f in index.path.glob("vectors-*.faiss"):
-        if f.name != faiss_name(new):
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
-    return kind, n
-
-
-def faiss_selector(ids: np.ndarray):
-    return faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))
-
-
-def _build(con, kind: str, n: int, dim: int, cfg: fi.AnnConfig, progress: bool):
-    """A fresh index over every live vector, streamed from SQLite in chunks."""
-    live = "removed_gen IS NULL"
-    if kind == "flat":
-        index = fi.new_flat(dim)
-    else:
-        nlist = fi.nlist_for(n)
-        rng = np.random.default_rng(cfg.seed)
-        ids = store.ids_where(con, live, {})
-        sample = rng.choice(ids, size=min(len(ids), fi.SAMPLE_PER_LIST * nlist), replace=False)
-        logger.info("training IVF with %d lists on %d of %d vectors", nlist, len(sample), n)
-        index = fi.new_ivf(store.vectors_for(con, np.sort(sample), dim), nlist, seed=cfg.seed)
-    bar = tqdm(total=n, unit="vec", desc=f"building {kind} index", disable=None if progress else True, leave=False)
-    try:
-        for ids, vecs in store.iter_vectors(con, live, {}, dim):
-            index.add_with_ids(vecs, ids)
-            bar.update(len(ids))
-    finally:
-        bar.close()
-    return index
-
-
-def _tune(con, index, built, dim: int, cfg: fi.AnnConfig) -> tuple[int, float]:
-    live = "removed_gen IS NULL"
-    rng = np.random.default_rng(cfg.seed + 1)
-    ids = store.ids_where(con, live, {})
-    qids = np.sort(rng.choice(ids, size=min(len(ids), cfg.tune_queries), replace=False))
-    sets = [(store.vectors_for(con, qids, dim), qids)]
-    try:
-        if index.has_text:  # an image-only model's index is only ever asked image queries
-            sets.append((index.encode_text(tuning_queries()), None))
+        return index.encode_text(tuning_queries())
     except ModelLoadError as e:  # tuned on image queries only: text recall may fall short
         logger.warning("cannot load the index's model to tune on text queries (%s); tuning on images only", e)
-    return fi.tune_nprobe(built, sets, lambda: store.iter_vectors(con, live, {}, dim),
-                          cfg.tune_target)
+    except FsclipError as e:  # an image-only model: there are no text queries to tune for
+        logger.info("tuning on image queries only: %s", e)
+    return None
 
 
 @functools.cache

@@ -37,7 +37,8 @@ def test_output_is_plain_parquet_plus_manifest(photos, reference, shapes_backend
     good = sorted(str(p) for p in photos.rglob("img*.png"))
     assert manifest["status"] == "complete" and manifest["format"] == "fsclip-embeddings"
     assert manifest["model"] == {"spec": "shapes", "backend": "open_clip", "fingerprint": shapes_backend.fingerprint,
-                                 "dim": 64, "compute_dtype": "float32", "runtime": "torch"}
+                                 "dim": 64, "compute_dtype": "float32", "runtime": "torch",
+                                 "has_text": True}
     assert (manifest["dtype"], manifest["shard_size"], manifest["inputs"]["count"]) == ("float32", 8, 40)
     assert {f["path"]: f["reason"] for f in manifest["failed"]} == {
         str(photos / "b/corrupt.png"): "not an image (unknown or corrupt format)",

@@ -66,7 +66,8 @@ def _ivf(x: np.ndarray, ids: np.ndarray, cfg: AnnConfig):
     index = fi.new_ivf(x[rng.choice(len(x), min(len(x), fi.SAMPLE_PER_LIST * nlist), replace=False)], nlist)
     index.add_with_ids(x, ids)
     tq = rng.choice(len(x), cfg.tune_queries, replace=False)
-    nprobe, tuned = fi.tune_nprobe(index, [(x[tq], ids[tq])], lambda: [(ids, x)], cfg.tune_target)
+    nprobe, rerank, tuned = fi.tune_nprobe(index, [(x[tq], ids[tq])], lambda: [(ids, x)], cfg.tune_target)
+    assert rerank == 0  # IVF-Flat scores are exact: nothing to re-rank
     return index, nlist, nprobe, tuned
 
 

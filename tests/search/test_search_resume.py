@@ -1,9 +1,9 @@
 """kill -9 resume: a build killed mid-way and restarted with the same command equals an uninterrupted build.
 
 The child is the real `fsclip index build` in its own process. To kill it at a known point (rather than
-racing a fast build) it runs with a pause hook: after N rows written inside an open transaction, or
-after the new FAISS file is written but before the generation is published. The parent then sends
-SIGKILL from outside, as a user or the OOM killer would.
+racing a fast build) it runs with a pause hook: after N rows written inside an open transaction, when
+everything is staged but nothing published, or after a merge wrote the new base FAISS file but before
+it is recorded. The parent then sends SIGKILL from outside, as a user or the OOM killer would.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fsclip.search import ImageIndex
 
 CHILD = textwrap.dedent("""
     import os, sys, time
+    import fsclip.search.faiss_index as fi
     import fsclip.search.update as update
 
     def pause():
@@ -41,12 +42,16 @@ CHILD = textwrap.dedent("""
             if calls[0] == int(n):
                 pause()
         update._put = put
-    else:  # the new FAISS file is on disk, the generation not yet published
-        real_write = update.fi.write_index
+    elif kind == "publish":  # everything embedded and committed, the generation not yet published
+        def publish(*a, **kw):
+            pause()
+        update._publish = publish
+    else:  # merge: the new base FAISS file is on disk, not yet recorded as the base
+        real_write = fi.write_index
         def write(*a, **kw):
             real_write(*a, **kw)
             pause()
-        update.fi.write_index = write
+        fi.write_index = write
 
     from fsclip.cli import main
     sys.exit(main(sys.argv[1:]))
@@ -136,7 +141,7 @@ def test_update_killed_before_publish_resumes(tmp_path, photos, tiny_openclip_di
     index = ImageIndex.create(idx, tiny_backend)
     index.add([photos / "a"], batch_size=8)
     argv = _argv(photos, idx, tiny_openclip_dir)
-    _kill_at(tmp_path, argv, "publish")  # all 200 embedded and a new FAISS file written; not published
+    _kill_at(tmp_path, argv, "publish")  # all 200 embedded and committed; not published
 
     reader = ImageIndex.open(idx)
     assert len(reader) == 100 and {h.path for h in reader.search(text="a circle", k=300)} == {
@@ -148,4 +153,27 @@ def test_update_killed_before_publish_resumes(tmp_path, photos, tiny_openclip_di
     _assert_same(resumed, reference)
     # the stale file of the killed run was replaced; only the published generation's file is left
     assert [p.name for p in idx.glob("*.faiss")] == [f"vectors-{resumed.generation}.faiss"]
+    assert not list(idx.glob(".*.tmp"))
+
+
+def test_update_killed_while_merging_resumes(tmp_path, photos, tiny_openclip_dir, tiny_backend, reference, capsys):
+    """Killed after the merge wrote the new base file: the generation was already published (readers see
+    all 200 through base + delta); the rerun finishes the merge and leaves one FAISS file."""
+    idx = tmp_path / "merge.idx"
+    index = ImageIndex.create(idx, tiny_backend)
+    index.add([photos / "a"], batch_size=8)
+    argv = _argv(photos, idx, tiny_openclip_dir)
+    _kill_at(tmp_path, argv, "merge")
+
+    reader = ImageIndex.open(idx)
+    info = reader.info()
+    assert info["images"] == 200 and info["index"]["delta"] == 100 and info["index"]["base_generation"] == 1
+    _assert_same(reader, reference)
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["embedded"], report["unchanged"], report["total"]) == (0, 200, 200)
+    resumed = ImageIndex.open(idx)
+    assert resumed.info()["index"]["delta"] == 0 and resumed.info()["index"]["base_generation"] == 2
+    _assert_same(resumed, reference)
+    assert [p.name for p in idx.glob("*.faiss")] == ["vectors-2.faiss"]
     assert not list(idx.glob(".*.tmp"))

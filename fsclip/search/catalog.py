@@ -1,14 +1,17 @@
-"""The index's SQLite metadata: files, their vectors, bad files, roots, and the published generation.
+"""The catalog: an index's SQLite record of files, their vectors, bad files, roots, and the published generation.
 
-Versioning is what keeps readers consistent while a writer works. Each file row carries the generation
-that added it and the one that removed it. A writer stages rows for generation G+1, committing every
-batch (so a killed build resumes from its last commit); readers only see rows visible at the published
-generation G, whose FAISS file holds exactly those ids. Publishing G+1 is one transaction, after the
-matching FAISS file is on disk.
+Every engine has one (`fsclip.search.stores`): it is what `index build/update/remove` diff the disk
+against and where they stage their work. Versioning is what keeps readers consistent while a writer
+works. Each file row carries the generation that added it and the one that removed it. A writer stages
+rows for generation G+1, committing every batch (so a killed build resumes from its last commit);
+readers only see rows visible at the published generation G. The store then publishes G+1 in one step
+(for FAISS one transaction here; for Milvus one property write on the collection).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sqlite3
 import uuid
@@ -19,10 +22,16 @@ import numpy as np
 
 from fsclip.errors import IndexError_
 
-__all__ = ["SCHEMA_VERSION", "connect", "create_schema", "damaged", "db_path", "fs_path", "read_info", "visible"]
+__all__ = ["SCHEMA_VERSION", "connect", "create_schema", "damaged", "db_path", "fs_path", "read_info", "tx",
+           "visible", "write_lock"]
 
-SCHEMA_VERSION = 2
+# 3: the FAISS store publishes a generation without rewriting its FAISS file (base + delta + tombstones,
+# `base_generation` in info). A schema-2 index reads as one whose base is its published generation; its
+# next publish marks it 3, so an older fsclip refuses it instead of taking it for a damaged index.
+SCHEMA_VERSION = 3
+READABLE = (2, 3)
 DB_NAME = "meta.sqlite"
+LOCK_NAME = "write.lock"
 
 # Paths are stored as the bytes the OS uses (`os.fsencode`), so every file name round-trips, UTF-8 or not.
 _SCHEMA = """
@@ -122,18 +131,19 @@ def connect(path: Path, write: bool = False) -> sqlite3.Connection:
 
 
 def _upgrade(con: sqlite3.Connection, path: Path) -> None:
+    """Schema 1 -> 2 (paths as bytes, file identity). 2 -> 3 needs no change of data (see SCHEMA_VERSION)."""
     if _version(con) != 1:
         return
     try:
         con.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as e:
-        raise IndexError_(f"index {path} needs a one-time upgrade to schema {SCHEMA_VERSION} but cannot be "
+        raise IndexError_(f"index {path} needs a one-time upgrade to schema 2 but cannot be "
                           f"written ({e}); open it once where it is writable") from None
     try:  # statement by statement: executescript would commit half of it
         if _version(con) == 1:  # another process may have upgraded it meanwhile
             for statement in filter(str.strip, _MIGRATE_1.split(";")):
                 con.execute(statement)
-            set_info(con, schema_version=SCHEMA_VERSION, index_id=uuid.uuid4().hex)
+            set_info(con, schema_version=2, index_id=uuid.uuid4().hex)
     except BaseException:
         con.execute("ROLLBACK")
         raise
@@ -156,6 +166,7 @@ def create_schema(con: sqlite3.Connection, info: dict[str, str]) -> None:
 
 
 _INT_KEYS = {"generation": 0, "dim": 1, "count": 0}  # key -> smallest valid value
+_OPTIONAL_INT = ("base_generation", "base_count")  # FAISS store, schema 3
 
 
 def read_info(con: sqlite3.Connection, path: str | os.PathLike = "") -> dict[str, str]:
@@ -165,7 +176,7 @@ def read_info(con: sqlite3.Connection, path: str | os.PathLike = "") -> dict[str
     except sqlite3.DatabaseError as e:
         raise damaged(path, f"cannot read {DB_NAME}: {e}") from None
     version = int(info["schema_version"]) if info.get("schema_version", "").isdigit() else 0
-    if version != SCHEMA_VERSION:
+    if version not in READABLE:
         raise IndexError_(
             f"index schema version {info.get('schema_version')} is not supported by this fsclip (it reads "
             f"version {SCHEMA_VERSION}); rebuild the index with `fsclip index build --overwrite`"
@@ -173,7 +184,7 @@ def read_info(con: sqlite3.Connection, path: str | os.PathLike = "") -> dict[str
     for key in ("model_spec", "fingerprint", "ann", *_INT_KEYS):
         if key not in info:
             raise damaged(path, f"{DB_NAME} has no {key!r} entry")
-    for key, low in _INT_KEYS.items():
+    for key, low in (*_INT_KEYS.items(), *((k, 0) for k in _OPTIONAL_INT if k in info)):
         try:
             ok = int(info[key]) >= low
         except ValueError:
@@ -181,6 +192,32 @@ def read_info(con: sqlite3.Connection, path: str | os.PathLike = "") -> dict[str
         if not ok:
             raise damaged(path, f"{DB_NAME} records {key} = {info[key]!r}, not an integer >= {low}")
     return info
+
+
+@contextlib.contextmanager
+def tx(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction (taken at once: a second writer waits on the lock, not halfway through)."""
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def write_lock(folder: Path, name: str) -> Iterator[None]:
+    """The one-writer lock of an index (flock; released by the OS if the process dies)."""
+    fd = os.open(Path(folder) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexError_(f"{name} is being updated by another process; wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def set_info(con: sqlite3.Connection, **values) -> None:
@@ -215,6 +252,19 @@ def vectors_for(con: sqlite3.Connection, ids: Iterable[int], dim: int) -> np.nda
     if missing:
         raise IndexError_(f"index is inconsistent: no stored vector for id {missing[0]}")
     return from_blobs([found[i] for i in ids], dim)
+
+
+def vectors_found(con: sqlite3.Connection, ids: Iterable[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(found ids, their vectors)` of those of `ids` still stored (a reader's old state may name rows
+    that a writer has since forgotten)."""
+    found_ids: list[int] = []
+    blobs: list[bytes] = []
+    for part in chunked([int(i) for i in ids]):
+        q = f"SELECT id, vec FROM vectors WHERE id IN ({','.join('?' * len(part))})"
+        for r in con.execute(q, part):
+            found_ids.append(r[0])
+            blobs.append(r[1])
+    return np.array(found_ids, np.int64), from_blobs(blobs, dim)
 
 
 def rows_for(con: sqlite3.Connection, ids: Iterable[int]) -> dict[int, sqlite3.Row]:
