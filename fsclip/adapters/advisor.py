@@ -1,35 +1,42 @@
-"""The strategy advisor behind `method="auto"`: the transfer-learning strategy matrix, measured.
+"""The strategy advisor behind `method="auto"`: the transfer-learning strategy matrix, measured and costed.
 
-    |                  | similar domain                      | different domain                  |
-    | small data       | frozen features: Tip-Adapter (<= 4  | LoRA in the attention layers     |
-    |                  | shots/class) or a linear probe      | (partial fine-tuning w/o attention)|
-    | medium data      | partial fine-tuning (last blocks + head)                                |
-    | large data       | full fine-tuning at a low learning rate, discriminative rates          |
+    |              | similar domain                         | different domain                         |
+    | small data   | CLAP: a linear probe held to the       | LoRA in the attention layers (else the    |
+    |              | zero-shot prototypes, no search        | image projection, ProLIP); a linear probe |
+    |              |                                        | where frozen features already separate    |
+    | medium data  | partial fine-tuning (last blocks + head)                                          |
+    | large data   | full fine-tuning at a low learning rate, discriminative rates                     |
 
-Size is counted (training images, images per class). Similarity is measured on the validation split:
-zero-shot accuracy above chance (can the model already name these classes?), and how well a frozen
-probe on the model's features does (does it at least tell them apart?). Small data from a different
-domain whose frozen features already separate the classes still gets a linear probe: a heavier
-method would only add variance.
+Everything is measured on the training images, so the validation images stay unused for the reported
+accuracy: size is counted; similarity is zero-shot accuracy on the training images (zero-shot never
+saw their labels, so this is an honest estimate), as a fraction of the way from chance to perfect;
+separability is the cross-validated accuracy of a frozen linear probe on them.
+
+Compute: a method is chosen only if its default schedule fits the budget on this device, estimated
+from a timed forward pass of the image and text towers (`Adapter.default_seconds`); when the matrix's
+choice does not fit, the next lighter strategy is taken and the advice says so.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from fsclip.adapters._features import FeatureData, encode_items
+from fsclip.adapters._budget import Budget, format_seconds, plan_log
+from fsclip.adapters._features import FeatureData
+from fsclip.adapters.base import Costs
 from fsclip.adapters.config import check_field
 from fsclip.adapters.linear_probe import LinearProbe, LinearProbeConfig
+from fsclip.adapters.registry import get_adapter
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
-from fsclip.prompts_io import load_templates
-from fsclip.zeroshot import build_text_classifier
+from fsclip.errors import AdapterError
 
-__all__ = ["Advice", "AdvisorConfig", "advise"]
+__all__ = ["Advice", "AdvisorConfig", "advise", "measure_costs"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,25 +48,22 @@ class AdvisorConfig:
     Attributes:
         small_images: fewer training images than this is small data (the playbook's ~1,000).
         large_images: at least this many is large data.
-        similar_zero_shot: zero-shot validation accuracy above chance, as a fraction of the way from
-            chance (0) to perfect (1), at or above which the domain counts as similar.
-        separable_probe: frozen-probe validation accuracy at or above which the frozen features are
-            good enough even for a different domain.
-        tiny_shots: at most this many images per class favours the training-free Tip-Adapter.
+        similar_zero_shot: zero-shot accuracy on the training images above chance, as a fraction of
+            the way from chance (0) to perfect (1), at or above which the domain counts as similar.
+        separable_probe: cross-validated frozen-probe accuracy at or above which the frozen features
+            are good enough even for a different domain.
     """
 
     small_images: int = 1000
     large_images: int = 10000
     similar_zero_shot: float = 0.6
     separable_probe: float = 0.95
-    tiny_shots: int = 4
 
     def __post_init__(self):
         check_field(0 < self.small_images <= self.large_images, "small_images", self.small_images,
                     f"> 0 and <= large_images ({self.large_images})")
         check_field(0 <= self.similar_zero_shot <= 1, "similar_zero_shot", self.similar_zero_shot, "in [0, 1]")
         check_field(0 <= self.separable_probe <= 1, "separable_probe", self.separable_probe, "in [0, 1]")
-        check_field(self.tiny_shots >= 1, "tiny_shots", self.tiny_shots, ">= 1")
 
 
 @dataclass(frozen=True)
@@ -67,80 +71,126 @@ class Advice:
     method: str
     reason: str
     measurements: dict[str, Any] = field(default_factory=dict)
+    compute: str = ""  # how the budget changed the choice, if it did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def lines(self) -> list[str]:
         """Readable report: one line per measurement, then the choice and why."""
-        out = [f"  {k:<28} {v:.3f}" if isinstance(v, float) else f"  {k:<28} {v}" for k, v in self.measurements.items()]
-        return ["measurements:", *out, f"method: {self.method}", f"reason: {self.reason}"]
+        out = [f"  {k:<32} {v:.3f}" if isinstance(v, float) else f"  {k:<32} {v}" for k, v in self.measurements.items()]
+        tail = [f"compute: {self.compute}"] if self.compute else []
+        return ["measurements (training images only):", *out, f"method: {self.method}", f"reason: {self.reason}",
+                *tail]
 
 
-def advise(backend: Backend, train: LabeledImages, val: LabeledImages, templates="imagenet80",
-           config: AdvisorConfig | None = None, progress: bool = False) -> Advice:
-    """Measure data size and domain similarity, and pick a method from the strategy matrix."""
+@torch.inference_mode()
+def measure_costs(backend: Backend, train: LabeledImages, budget: Budget, probe_images: int = 4) -> Costs:
+    """Seconds per image forward and per prompt forward, timed on this device (second of two runs)."""
+    backend.model.eval()
+    size = backend.image_size
+    pixels = torch.zeros(probe_images, 3, size, size, device=backend.device, dtype=backend.dtype)
+    inputs = {k: v.to(backend.device) for k, v in backend.tokenize([f"a photo of a {c}." for c in
+                                                                   train.classes[:probe_images]]).items()}
+    image_s, text_s = [], []
+    for _ in range(2):
+        t0 = budget.clock()
+        backend.forward_images(pixels).float().cpu()
+        t1 = budget.clock()
+        backend.forward_texts(inputs).float().cpu()
+        image_s.append((t1 - t0) / probe_images)
+        text_s.append((budget.clock() - t1) / len(inputs["input_ids"]))
+    shots = min(train.counts().values())
+    return Costs(images=len(train), shots=shots, classes=len(train.classes), image_seconds=image_s[-1],
+                 text_seconds=text_s[-1])
+
+
+def advise(backend: Backend, train: LabeledImages, templates="imagenet80", config: AdvisorConfig | None = None,
+           *, budget: Budget | None = None, progress: bool = False) -> Advice:
+    """Measure data size, domain similarity and compute on the training images, and pick a method."""
     cfg = config or AdvisorConfig()
+    budget = budget or Budget(math.inf)
     counts = train.counts()
     n_train, n_cls, shots = len(train), len(train.classes), min(counts.values())
     chance = 1.0 / n_cls
-    m: dict[str, Any] = {"classes": n_cls, "training images": n_train, "images per class (min)": shots,
-                         "validation images": len(val)}
+    m: dict[str, Any] = {"classes": n_cls, "training images": n_train, "images per class (min)": shots}
     size = "large" if n_train >= cfg.large_images else "medium" if n_train >= cfg.small_images else "small"
     m["data size"] = size
 
-    tmpl = load_templates(templates)
-    if size == "small":  # frozen features are cheap here, and the probe needs them anyway
-        data = FeatureData.build(backend, train, val, tmpl, progress=progress)
-        val_features, text, scale = data.val, data.text, data.logit_scale
-    else:
-        val_features = encode_items(backend, val.paths, progress=progress, what="validation image")
-        text, scale = build_text_classifier(backend, train.classes, tmpl).float().cpu(), backend.logit_scale
-    zs_acc = float(((scale * val_features @ text.T).argmax(-1) == _targets(val)).float().mean())
+    data = FeatureData.build(backend, train, templates, progress=progress)
+    targets = data.train_targets
+    zs_acc = float(((data.train @ data.text.T).argmax(-1) == targets).float().mean())
     above = (zs_acc - chance) / (1 - chance)
     similar = above >= cfg.similar_zero_shot
-    m["zero-shot val accuracy"] = zs_acc
+    m["zero-shot accuracy (training)"] = zs_acc
     m["chance accuracy"] = chance
     m["zero-shot above chance"] = above
     m["domain"] = "similar" if similar else "different"
 
+    costs = measure_costs(backend, train, budget)
+    m["device"] = str(backend.device)
+    m["image forward (s/image)"] = round(costs.image_seconds, 5)
+    m["budget left"] = format_seconds(budget.remaining())
+
     if size == "large":
-        return _done("full-ft", m, f"large data ({n_train} >= {cfg.large_images} images): fine-tune the whole "
-                     "image tower from the pretrained weights at a low learning rate, earlier layers lowest")
+        return _choose(["full-ft", "partial-ft", "linear-probe"], backend, costs, budget, m,
+                       f"large data ({n_train} >= {cfg.large_images} images): fine-tune the whole image tower from "
+                       "the pretrained weights at a low learning rate, earlier layers lowest")
     if size == "medium":
-        return _done("partial-ft", m, f"medium data ({cfg.small_images} <= {n_train} < {cfg.large_images} images): "
-                     "keep the early layers frozen and fine-tune the last blocks and the head")
+        return _choose(["partial-ft", "linear-probe"], backend, costs, budget, m,
+                       f"medium data ({cfg.small_images} <= {n_train} < {cfg.large_images} images): keep the early "
+                       "layers frozen and fine-tune the last blocks and the head")
     if similar:
-        if shots <= cfg.tiny_shots:
-            return _done("tip-adapter", m, f"small data ({shots} image(s) per class) from a similar domain (zero-shot "
-                         f"{above:.2f} of the way from chance to perfect): keep the backbone frozen; a training-free "
-                         "feature cache on top of zero-shot")
-        return _done("linear-probe", m, f"small data ({n_train} images) from a similar domain (zero-shot {above:.2f} "
-                     "of the way from chance to perfect): keep the backbone frozen, train a linear head")
-    probe = LinearProbe.fit_features(backend, train.classes, data, LinearProbeConfig(templates=tmpl))
-    probe_acc = float((probe.logits_from_features(data.val).argmax(-1) == data.val_targets).float().mean())
-    m["frozen probe val accuracy"] = probe_acc
-    if probe_acc >= cfg.separable_probe:
-        return _done("linear-probe", m, f"small data from a different domain (zero-shot {above:.2f} of the way from "
-                     f"chance), but a frozen probe already reaches {probe_acc:.2f} on validation: the features "
-                     "separate the classes, a linear head is enough")
-    method = "lora" if _has_attention(backend) else "partial-ft"
-    what = "low-rank adapters in the attention layers (LoRA)" if method == "lora" else "the last blocks and the head"
-    return _done(method, m, f"small data from a different domain (zero-shot {above:.2f} of the way from chance, "
-                 f"frozen probe {probe_acc:.2f}): keep the early layers' weights and adapt {what}")
+        return _choose(["clap", "linear-probe"], backend, costs, budget, m,
+                       f"small data ({shots} image(s) per class) from a similar domain (zero-shot {above:.2f} of the "
+                       "way from chance to perfect): keep the backbone frozen; CLAP adapts a linear probe held to "
+                       "the zero-shot prototypes per class, with nothing to tune on a few images")
+    if shots >= 2:
+        probe = LinearProbe.fit_features(backend, train.classes, data, LinearProbeConfig(templates=templates))
+        cv = probe.selection["cross-validation accuracy"]
+        probe_acc = cv["zero-shot" if probe.c is None else f"{probe.c:g}"]
+        m["frozen probe accuracy (cross-validated)"] = probe_acc
+        if probe_acc >= cfg.separable_probe:
+            return _choose(["linear-probe"], backend, costs, budget, m,
+                           f"small data from a different domain (zero-shot {above:.2f} of the way from chance), but a "
+                           f"frozen probe already reaches {probe_acc:.2f} in cross-validation: the features separate "
+                           "the classes, a linear head is enough")
+    else:
+        probe_acc = None
+        m["frozen probe accuracy (cross-validated)"] = "n/a (one image per class)"
+    probe_text = f", frozen probe {probe_acc:.2f}" if probe_acc is not None else ""
+    return _choose(["lora", "prolip", "partial-ft", "clap"], backend, costs, budget, m,
+                   f"small data from a different domain (zero-shot {above:.2f} of the way from chance{probe_text}): "
+                   "keep the early layers' weights and adapt the attention layers with low-rank updates (LoRA)")
 
 
-def _targets(data: LabeledImages) -> torch.Tensor:
-    return torch.tensor(data.targets, dtype=torch.long)
+def _choose(ranked: list[str], backend: Backend, costs: Costs, budget: Budget, m: dict[str, Any],
+            reason: str) -> Advice:
+    """The first method of `ranked` that works on this model and whose default schedule fits the budget."""
+    skipped, runnable = [], []
+    for method in ranked:
+        cls = get_adapter(method)
+        why_not = cls.unsupported(backend)
+        if why_not is not None:
+            skipped.append(f"{method} {why_not}")
+            continue
+        seconds = cls.default_seconds(costs)
+        m[f"{method} default schedule (estimated)"] = format_seconds(seconds)
+        runnable.append((seconds, method))
+        if seconds <= budget.remaining():
+            break
+        skipped.append(f"{method}'s default schedule (about {format_seconds(seconds)} here) does not fit the "
+                       f"{format_seconds(budget.remaining())} left of the budget")
+    if not runnable:
+        raise AdapterError(f"no method of {', '.join(ranked)} can run on {backend.spec!r}: {'; '.join(skipped)}")
+    method = runnable[-1][1] if runnable[-1][0] <= budget.remaining() else min(runnable)[1]
+    compute = ""
+    if method != ranked[0]:
+        compute = "; ".join(s for s in skipped if not s.startswith(f"{method} ")) + f": chose {method} instead"
+    return _done(Advice(method, reason, m, compute))
 
 
-def _has_attention(backend: Backend) -> bool:
-    suffixes = tuple(backend.attention_target_modules())
-    return any(n.rsplit(".", 1)[-1] in suffixes for n, _ in backend.model.named_modules())
-
-
-def _done(method: str, measurements: dict[str, Any], reason: str) -> Advice:
-    advice = Advice(method, reason, measurements)
-    for line in advice.lines():
-        logger.info("advisor: %s", line.strip())
+def _done(advice: Advice) -> Advice:
+    for line in advice.lines():  # before the chosen method's long work starts
+        plan_log.info("advisor: %s", line.strip())
     return advice

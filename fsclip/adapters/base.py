@@ -25,13 +25,14 @@ from safetensors.torch import load_file, save_file
 
 from fsclip._io import atomic_dir
 from fsclip._version import __version__
+from fsclip.adapters._budget import Budget
 from fsclip.adapters._features import encode_items
 from fsclip.adapters.config import AdapterConfig
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
 from fsclip.errors import AdapterError, UsageError
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "WEIGHTS_FILE", "Adapter", "BaseModel", "read_header"]
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "WEIGHTS_FILE", "Adapter", "BaseModel", "Costs", "read_header"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,21 @@ class BaseModel:
         # a folder spec is stored absolute, so the adapter still finds it from another working directory
         spec = str(Path(backend.spec).resolve()) if os.path.isdir(backend.spec) else backend.spec
         return cls(spec, backend.name, backend.fingerprint, str(backend.dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the advisor knows before fitting: the data's size and this device's measured forward times."""
+
+    images: int
+    shots: int  # training images in the smallest class
+    classes: int
+    image_seconds: float  # one image through the image tower, no gradients
+    text_seconds: float  # one prompt through the text tower, no gradients
+
+    def train_step(self, images: int, prompts: int) -> float:
+        """A training step through both towers: forward and backward cost about three forwards."""
+        return 3 * (images * self.image_seconds + prompts * self.text_seconds)
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -97,14 +113,39 @@ class Adapter(ABC):
         self.base = base or BaseModel.of(backend)
         self.temperature = 1.0
         self.metrics: dict[str, Any] = {}
+        # what fitting chose and from which data, e.g. {"C": 10.0, "chosen by": "5-fold cross-validation ..."}
+        self.selection: dict[str, Any] = {}
+        self.validation_uses: list[str] = []  # what `fit` spent the validation images on (e.g. early stopping)
 
     # -- fitting
     @classmethod
+    def needs_text(cls, config: AdapterConfig) -> bool:
+        """Whether fitting with `config` needs the model's text tower (class-name prompts)."""
+        return True
+
+    @classmethod
+    def unsupported(cls, backend: Backend) -> str | None:
+        """Why this method (with its default config) cannot run on `backend`, or None when it can."""
+        if cls.needs_text(cls.config_class()) and not getattr(backend, "has_text", True):
+            return f"needs a text tower, and {backend.spec!r} has none"
+        return None
+
+    @classmethod
+    def default_seconds(cls, costs: Costs) -> float:
+        """Estimated seconds of a fit with the default schedule (no budget cut): here, encoding the images."""
+        return costs.images * costs.image_seconds
+
+    @classmethod
     @abstractmethod
     def fit(
-        cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: AdapterConfig, progress: bool = False
+        cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: AdapterConfig, progress: bool = False,
+        budget: Budget | None = None,
     ) -> Adapter:
-        """Fit on `train`, choosing hyper-parameters on `val`; never modifies `backend`."""
+        """Fit on `train` within `budget` (None: no limit); never modifies `backend`.
+
+        `val` is for reporting: a method may use it only where its config asks (early stopping) and
+        then records that in `validation_uses`.
+        """
 
     # -- prediction
     @abstractmethod
@@ -151,7 +192,7 @@ class Adapter(ABC):
             "base_model": dataclasses.asdict(self.base),
             "classes": list(self.classes),
             "config": self.config.to_dict(),
-            "state": {"temperature": self.temperature, **self.extra_state()},
+            "state": {"temperature": self.temperature, "selection": self.selection, **self.extra_state()},
         }
         tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in self.state_dict().items()}
@@ -188,8 +229,10 @@ class Adapter(ABC):
             raise AdapterError(f"{str(path)!r} has no {WEIGHTS_FILE}") from None
         state = dict(header.get("state", {}))
         temperature = float(state.pop("temperature", 1.0))
+        selection = state.pop("selection", {})
         adapter = cls.from_state(backend, header["classes"], config, tensors, state, base)
         adapter.temperature = temperature
+        adapter.selection = selection
         metrics_file = Path(path) / METRICS_FILE
         adapter.metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         return adapter
