@@ -280,7 +280,7 @@ def run_training(
     it = iter(batches)
     bar = Progress(total["steps"], desc, "step", progress, clock=budget.clock)
     durations: list[float] = []
-    step = 0
+    step, since = 0, (0, 0.0)
     try:
         while step < total["steps"]:
             step += 1
@@ -305,6 +305,15 @@ def run_training(
                     plan_log.info("%s", schedule.line(done=step))
                     bar.set_total(total["steps"])
                     every = eval_every or max(1, total["steps"] // 10)
+                    since = (step, budget.clock())
+            elif schedule.fixed is None and budget.limited and step - since[0] >= max(measure, total["steps"] // 4):
+                # re-plan on the steps run since: a shared machine's speed drifts, the budget does not
+                before = total["steps"]
+                total["steps"] = schedule.plan(budget, (budget.clock() - since[1]) / (step - since[0]), done=step)
+                since = (step, budget.clock())
+                if abs(total["steps"] - before) > 0.1 * before:
+                    plan_log.info("%s (re-planned at step %d)", schedule.line(done=step), step)
+                    bar.set_total(total["steps"])
             bar.update(1, loss=value)
             if evaluate is not None and (step % every == 0 or step == total["steps"]):
                 result = check(step)

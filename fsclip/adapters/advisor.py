@@ -24,10 +24,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from fsclip.adapters._augment import random_view
 from fsclip.adapters._budget import Budget, format_seconds, plan_log
-from fsclip.adapters._features import FeatureData
+from fsclip.adapters._features import FeatureData, load_images_or_fail
 from fsclip.adapters.base import Costs
 from fsclip.adapters.config import check_field
 from fsclip.adapters.linear_probe import LinearProbe, LinearProbeConfig
@@ -86,7 +88,16 @@ class Advice:
 
 @torch.inference_mode()
 def measure_costs(backend: Backend, train: LabeledImages, budget: Budget, probe_images: int = 4) -> Costs:
-    """Seconds per image forward and per prompt forward, timed on this device (second of two runs)."""
+    """Seconds per image and per prompt through the towers, timed on this device (second of two runs).
+
+    An image's cost includes reading it and making an augmented, preprocessed view of it: for small
+    models that, not the forward pass, is most of the time.
+    """
+    t0 = budget.clock()
+    rng = np.random.default_rng(0)
+    for img in load_images_or_fail(train.paths[:probe_images]):
+        backend.preprocess(random_view(img, rng, backend.image_size))
+    prepare = (budget.clock() - t0) / min(probe_images, len(train))
     backend.model.eval()
     size = backend.image_size
     pixels = torch.zeros(probe_images, 3, size, size, device=backend.device, dtype=backend.dtype)
@@ -101,7 +112,7 @@ def measure_costs(backend: Backend, train: LabeledImages, budget: Budget, probe_
         image_s.append((t1 - t0) / probe_images)
         text_s.append((budget.clock() - t1) / len(inputs["input_ids"]))
     shots = min(train.counts().values())
-    return Costs(images=len(train), shots=shots, classes=len(train.classes), image_seconds=image_s[-1],
+    return Costs(images=len(train), shots=shots, classes=len(train.classes), image_seconds=prepare + image_s[-1],
                  text_seconds=text_s[-1])
 
 
@@ -161,7 +172,8 @@ def advise(backend: Backend, train: LabeledImages, templates="imagenet80", confi
     probe_text = f", frozen probe {probe_acc:.2f}" if probe_acc is not None else ""
     return _choose(["lora", "prolip", "partial-ft", "clap"], backend, costs, budget, m,
                    f"small data from a different domain (zero-shot {above:.2f} of the way from chance{probe_text}): "
-                   "keep the early layers' weights and adapt the attention layers with low-rank updates (LoRA)")
+                   "keep the early layers' weights and adapt the image tower: low-rank updates of its attention "
+                   "(LoRA), or, lighter, its final projection (ProLIP)")
 
 
 def _choose(ranked: list[str], backend: Backend, costs: Costs, budget: Budget, m: dict[str, Any],

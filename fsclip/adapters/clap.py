@@ -160,8 +160,8 @@ class Clap(FeatureAdapter):
                               progress=progress)
         weight = scale * F.normalize(prototypes.detach(), dim=-1)
         adapter = cls(backend, classes, config, weight)
-        adapter.selection = {"chosen by": "nothing: the paper's defaults; penalty weights from the zero-shot "
-                                          "probabilities of the training images",
+        adapter.selection = {"chosen by": "the paper's defaults, nothing searched; penalty weights from the "
+                                          "zero-shot probabilities of the training images",
                              "penalty weights": [round(float(v), 4) for v in multipliers],
                              "training": result.schedule}
         return adapter

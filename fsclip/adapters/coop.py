@@ -204,7 +204,7 @@ class Coop(FeatureAdapter):
             with torch.no_grad():
                 text = scale * prompts.encode(ctx.detach()).cpu()
         adapter = cls(backend, train.classes, config, ctx.detach().cpu(), text)
-        adapter.selection = {"chosen by": "nothing: the paper's defaults", "views": view_plan.to_dict(),
+        adapter.selection = {"chosen by": "the paper's defaults, nothing searched", "views": view_plan.to_dict(),
                              "training": result.schedule}
         return adapter
 

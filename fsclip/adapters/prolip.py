@@ -139,8 +139,8 @@ class Prolip(Adapter):
                               schedule=schedule, budget=budget, desc="prolip", progress=progress)
         adapter = cls.from_state(backend, train.classes, config, {"projection": weight.detach(), "text": scale * text},
                                  {}, base)
-        adapter.selection = {"penalty": penalty, "chosen by": "nothing: the paper's validation-free defaults "
-                                                              "(penalty 1/K)",
+        adapter.selection = {"penalty": penalty, "chosen by": "the paper's validation-free rule 1/K; nothing chosen "
+                                                              "on data",
                              "views": view_plan.to_dict(), "training": result.schedule}
         return adapter
 
