@@ -74,9 +74,29 @@ def test_prolip_pooled_features_through_the_projection_are_the_image_features(ti
             torch.testing.assert_close(ours, backend.forward_images(pixels), atol=1e-6, rtol=1e-5)
 
 
-def test_prolip_refuses_a_tower_without_a_separate_projection(tiny_resnet, small_task):
-    with pytest.raises(AdapterError, match="final linear projection.*ModifiedResNet.*use clap"):
-        fit(tiny_resnet, small_task.pool, "prolip", val=small_task.val, templates="generic", epochs=1, views=1)
+@pytest.mark.parametrize(("which", "tower"), [("tiny_resnet", "ModifiedResNet"),
+                                             ("tiny_hf_siglip", "SiglipVisionModel")])
+def test_prolip_refuses_a_tower_without_a_separate_projection(which, tower, request, small_task):
+    backend = request.getfixturevalue(which)
+    with pytest.raises(AdapterError, match=f"final linear projection.*{tower}.*use clap") as err:
+        fit(backend, small_task.pool, "prolip", val=small_task.val, templates="generic", epochs=1, views=1)
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_siglip(tiny_hf_siglip_dir):
+    from fsclip.backends import load_model
+
+    return load_model(f"hf:{tiny_hf_siglip_dir}", device="cpu")
+
+
+@pytest.mark.parametrize("method", ["clap", "coop", "prolip", "tip-adapter", "tip-adapter-f", "linear-probe",
+                                    "lora", "partial-ft", "full-ft"])
+def test_every_method_runs_on_transformers_clip(method, tiny_hf_clip, small_task, fast_options):
+    adapter = fit(tiny_hf_clip, small_task.pool, method, val=small_task.val, templates="generic",
+                  **fast_options.get(method, {}))
+    probs = adapter.predict_proba(small_task.test.paths)
+    assert probs.shape == (len(small_task.test), 3) and torch.isfinite(probs).all()
 
 
 # -- CoOp
