@@ -132,8 +132,9 @@ def fit(
         if config is not None:
             raise UsageError("method 'auto' chooses the config too; pass options as keyword overrides instead")
         advice = advise(backend, train, overrides.get("templates", "imagenet80"), advisor, budget=budget,
-                        progress=progress)
+                        progress=progress, options=overrides)
         method = advice.method
+        overrides = {**overrides, **advice.options}
     cls = get_adapter(method)
     cfg = _config(cls, config, overrides, lenient=advice is not None)
     if cls.needs_text(cfg) and not getattr(backend, "has_text", True):

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["cross_validate", "fold_count", "stratified_folds"]
+__all__ = ["cross_validate", "fold_count", "one_standard_error", "stratified_folds"]
 
 
 def fold_count(shots: int, most: int = 5) -> int:
@@ -41,23 +41,37 @@ def stratified_folds(targets: torch.Tensor, folds: int, seed: int) -> list[torch
 def cross_validate(
     n: int, held_out: Sequence[torch.Tensor], candidates: Sequence,
     score: Callable[[object, int, torch.Tensor, torch.Tensor], tuple],
-) -> tuple[object, dict]:
-    """The candidate with the best mean score over folds, and each candidate's mean score.
+) -> tuple[object, dict, dict]:
+    """The candidate with the best mean score over folds, each candidate's mean, and its per-fold scores.
 
     `score(candidate, fold, train_idx, held_idx)` returns a tuple compared lexicographically (larger
     is better, e.g. (accuracy, -NLL)); ties go to the earlier candidate, so list the safest first.
     """
     everything = torch.arange(n)
     means: dict = {}
+    per_fold: dict = {}
     for cand in candidates:
         scores = []
         for fold, held in enumerate(held_out):
             mask = torch.ones(n, dtype=torch.bool)
             mask[held] = False
             scores.append(score(cand, fold, everything[mask], held))
+        per_fold[cand] = scores
         means[cand] = tuple(float(np.mean([s[i] for s in scores])) for i in range(len(scores[0])))
     best = candidates[0]
     for cand in candidates[1:]:
         if means[cand] > means[best]:
             best = cand
-    return best, means
+    return best, means, per_fold
+
+
+def one_standard_error(candidates: Sequence, per_fold: dict) -> object:
+    """The first (simplest) candidate whose mean accuracy is within one standard error of the best's.
+
+    Breiman's one-standard-error rule: with a few images per fold, a small lead in cross-validated
+    accuracy is noise, and the simpler choice is the safer one. Scores' first element is the accuracy.
+    """
+    acc = {c: np.array([s[0] for s in per_fold[c]], dtype=float) for c in candidates}
+    best = max(candidates, key=lambda c: acc[c].mean())
+    se = acc[best].std(ddof=1) / np.sqrt(len(acc[best])) if len(acc[best]) > 1 else 0.0
+    return next(c for c in candidates if acc[c].mean() >= acc[best].mean() - se)

@@ -29,6 +29,7 @@ import torch
 
 from fsclip.adapters._augment import random_view
 from fsclip.adapters._budget import Budget, format_seconds, plan_log
+from fsclip.adapters._crossval import cross_validate, fold_count, one_standard_error, stratified_folds
 from fsclip.adapters._features import FeatureData, load_images_or_fail
 from fsclip.adapters.base import Costs
 from fsclip.adapters.config import check_field
@@ -74,6 +75,7 @@ class Advice:
     reason: str
     measurements: dict[str, Any] = field(default_factory=dict)
     compute: str = ""  # how the budget changed the choice, if it did
+    options: dict[str, Any] = field(default_factory=dict)  # config the choice comes with (zero-shot: no C)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,8 +119,12 @@ def measure_costs(backend: Backend, train: LabeledImages, budget: Budget, probe_
 
 
 def advise(backend: Backend, train: LabeledImages, templates="imagenet80", config: AdvisorConfig | None = None,
-           *, budget: Budget | None = None, progress: bool = False) -> Advice:
-    """Measure data size, domain similarity and compute on the training images, and pick a method."""
+           *, budget: Budget | None = None, progress: bool = False, options: dict[str, Any] | None = None) -> Advice:
+    """Measure data size, domain similarity and compute on the training images, and pick a method.
+
+    `options`: the fit's option overrides, applied to the heads compared by cross-validation where
+    they have them (e.g. `crop_scale`).
+    """
     cfg = config or AdvisorConfig()
     budget = budget or Budget(math.inf)
     counts = train.counts()
@@ -144,36 +150,88 @@ def advise(backend: Backend, train: LabeledImages, templates="imagenet80", confi
     m["budget left"] = format_seconds(budget.remaining())
 
     if size == "large":
-        return _choose(["full-ft", "partial-ft", "linear-probe"], backend, costs, budget, m,
+        return _done(_choose(["full-ft", "partial-ft", "linear-probe"], backend, costs, budget, m,
                        f"large data ({n_train} >= {cfg.large_images} images): fine-tune the whole image tower from "
-                       "the pretrained weights at a low learning rate, earlier layers lowest")
+                       "the pretrained weights at a low learning rate, earlier layers lowest"))
     if size == "medium":
-        return _choose(["partial-ft", "linear-probe"], backend, costs, budget, m,
+        return _done(_choose(["partial-ft", "linear-probe"], backend, costs, budget, m,
                        f"medium data ({cfg.small_images} <= {n_train} < {cfg.large_images} images): keep the early "
-                       "layers frozen and fine-tune the last blocks and the head")
+                       "layers frozen and fine-tune the last blocks and the head"))
     if similar:
-        return _choose(["clap", "linear-probe"], backend, costs, budget, m,
-                       f"small data ({shots} image(s) per class) from a similar domain (zero-shot {above:.2f} of the "
-                       "way from chance to perfect): keep the backbone frozen; CLAP adapts a linear probe held to "
-                       "the zero-shot prototypes per class, with nothing to tune on a few images")
+        advice = _choose(["clap", "linear-probe"], backend, costs, budget, m,
+                         f"small data ({shots} image(s) per class) from a similar domain (zero-shot {above:.2f} of "
+                         "the way from chance to perfect): keep the backbone frozen and adapt a head on the frozen "
+                         "features")
+        return _done(_cross_validated_head(backend, train, data, advice, budget, options or {}))
     if shots >= 2:
         probe = LinearProbe.fit_features(backend, train.classes, data, LinearProbeConfig(templates=templates))
         cv = probe.selection["cross-validation accuracy"]
         probe_acc = cv["zero-shot" if probe.c is None else f"{probe.c:g}"]
         m["frozen probe accuracy (cross-validated)"] = probe_acc
         if probe_acc >= cfg.separable_probe:
-            return _choose(["linear-probe"], backend, costs, budget, m,
+            return _done(_choose(["linear-probe"], backend, costs, budget, m,
                            f"small data from a different domain (zero-shot {above:.2f} of the way from chance), but a "
                            f"frozen probe already reaches {probe_acc:.2f} in cross-validation: the features separate "
-                           "the classes, a linear head is enough")
+                           "the classes, a linear head is enough"))
     else:
         probe_acc = None
         m["frozen probe accuracy (cross-validated)"] = "n/a (one image per class)"
     probe_text = f", frozen probe {probe_acc:.2f}" if probe_acc is not None else ""
-    return _choose(["lora", "prolip", "partial-ft", "clap"], backend, costs, budget, m,
+    return _done(_choose(["lora", "prolip", "partial-ft", "clap"], backend, costs, budget, m,
                    f"small data from a different domain (zero-shot {above:.2f} of the way from chance{probe_text}): "
                    "keep the early layers' weights and adapt the image tower: low-rank updates of its attention "
-                   "(LoRA), or, lighter, its final projection (ProLIP)")
+                   "(LoRA), or, lighter, its final projection (ProLIP)"))
+
+
+HEADS = ("zero-shot", "linear-probe", "tip-adapter", "clap")  # ties go to the earlier: the closest to zero-shot
+CV_SHARE = 0.5  # of the budget left, for the cross-validated comparison of heads
+
+
+def _cross_validated_head(backend: Backend, train: LabeledImages, data: FeatureData, advice: Advice, budget: Budget,
+                          options: dict[str, Any]) -> Advice:
+    """Which head on frozen features, chosen by stratified cross-validation on the training images.
+
+    The frozen-feature heads differ most where the data is scarcest, and no rule picks the right one
+    for every task: CLAP holds classes to their zero-shot prototypes, Tip-Adapter blends a cache with
+    zero-shot, the probe's C spans zero-shot to a free probe, and zero-shot itself (the probe with no
+    C) is a candidate, so `auto` does not go below it on these folds. Each head is fitted per fold on
+    the other folds' images (their features and views are cached once) within an equal share of
+    `CV_SHARE` of the budget. With a few images per fold a small lead is noise, so the head closest to
+    zero-shot within one standard error of the best wins (Breiman's rule). Heads the budget or the
+    model rule out are left out.
+    """
+    targets = data.train_targets
+    folds = stratified_folds(targets, fold_count(min(train.counts().values())), seed=options.get("seed", 0))
+    heads = [h for h in HEADS if h == "zero-shot" or (get_adapter(h).unsupported(backend) is None and (
+        h == advice.method or h in ("linear-probe", "tip-adapter")))]
+    share = budget.remaining() * CV_SHARE / max(1, (len(heads) - 1) * len(folds))
+    scale = data.logit_scale
+
+    def score(head: str, _fold: int, tr: torch.Tensor, ho: torch.Tensor) -> tuple[float]:
+        if head == "zero-shot":
+            logits = scale * data.train[ho] @ data.text.T
+        else:
+            cls = get_adapter(head)
+            fields = cls.config_class.fields()
+            config = cls.config_class().with_options(**{k: v for k, v in options.items() if k in fields})
+            part = train.subset(tr.tolist())
+            adapter = cls.fit(backend, part, part, config, budget=Budget(share, clock=budget.clock))
+            logits = adapter.logits_from_features(data.train[ho])
+        return (float((logits.float().argmax(-1) == targets[ho]).float().mean()),)
+
+    plan_log.disabled = True  # the per-fold fits' plans would drown the advisor's own lines
+    try:
+        _, means, per_fold = cross_validate(len(targets), folds, heads, score)
+    finally:
+        plan_log.disabled = False
+    best = one_standard_error(heads, per_fold)
+    m = dict(advice.measurements)
+    for head in heads:
+        m[f"{head} accuracy (cross-validated)"] = round(means[head][0], 4)
+    how = (f"{advice.reason}; by {len(folds)}-fold cross-validation on the training images, the head closest "
+           f"to zero-shot within one standard error of the best: {best}")
+    method = "linear-probe" if best == "zero-shot" else best  # the probe without a C is the zero-shot classifier
+    return Advice(method, how, m, advice.compute, options={"c_grid": ()} if best == "zero-shot" else {})
 
 
 def _choose(ranked: list[str], backend: Backend, costs: Costs, budget: Budget, m: dict[str, Any],
@@ -199,7 +257,7 @@ def _choose(ranked: list[str], backend: Backend, costs: Costs, budget: Budget, m
     compute = ""
     if method != ranked[0]:
         compute = "; ".join(s for s in skipped if not s.startswith(f"{method} ")) + f": chose {method} instead"
-    return _done(Advice(method, reason, m, compute))
+    return Advice(method, reason, m, compute)
 
 
 def _done(advice: Advice) -> Advice:

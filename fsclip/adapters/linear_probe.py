@@ -3,8 +3,9 @@
 The CLIP paper's linear probe sweeps the inverse L2 strength C. Here the L2 penalty pulls the weights
 toward the zero-shot text classifier instead of toward 0 (and they start there): C -> 0 is exactly
 zero-shot, C -> inf a free probe. C is chosen by stratified cross-validation on the training images
-(zero-shot itself is a candidate), never on the validation images, which stay for the reported
-accuracy. Prediction is the probe alone. This is not LP++ (Huang et al., 2024), which blends text
+(zero-shot itself is a candidate): the strongest regularisation within one standard error of the best
+cross-validated accuracy (Breiman's rule: with a few images per fold a small lead is noise), never on
+the validation images, which stay for the reported accuracy. Prediction is the probe alone. This is not LP++ (Huang et al., 2024), which blends text
 logits with learned class-wise weights; for a probe constrained to the zero-shot prototypes without
 any search, see `clap`. `zero_shot_prior=False` gives the plain CLIP-paper probe (from and toward 0).
 """
@@ -12,6 +13,7 @@ any search, see `clap`. `zero_shot_prior=False` gives the plain CLIP-paper probe
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fsclip.adapters._crossval import cross_validate, fold_count, stratified_folds
+from fsclip.adapters._crossval import cross_validate, fold_count, one_standard_error, stratified_folds
 from fsclip.adapters._features import FeatureData
 from fsclip.adapters._frozen import FeatureAdapter
 from fsclip.adapters.base import BaseModel
@@ -39,7 +41,8 @@ class LinearProbeConfig(AdapterConfig):
     Attributes:
         zero_shot_prior: start from and regularise towards the zero-shot classifier (else towards 0).
         c_grid: inverse L2 strengths tried (sklearn's C: loss = C * sum(CE) + |W - prior|^2 / 2); the best
-            by cross-validation is then refined by half-decade steps, as in the CLIP paper's search.
+            by cross-validation is then refined by half-decade steps, as in the CLIP paper's search. Empty
+            (with `zero_shot_prior`): the probe is the zero-shot classifier itself.
         max_iter: L-BFGS iterations per fit (each fit warm-starts from the previous, stronger C).
         folds: cross-validation folds on the training images, at most (fewer with fewer images per class).
     """
@@ -54,8 +57,8 @@ class LinearProbeConfig(AdapterConfig):
         if isinstance(self.c_grid, list):
             object.__setattr__(self, "c_grid", tuple(self.c_grid))
         check_field(isinstance(self.zero_shot_prior, bool), "zero_shot_prior", self.zero_shot_prior, "true or false")
-        check_field(len(self.c_grid) > 0 and all(c > 0 for c in self.c_grid), "c_grid", self.c_grid,
-                    "a non-empty list of values > 0")
+        check_field((len(self.c_grid) > 0 or self.zero_shot_prior) and all(c > 0 for c in self.c_grid), "c_grid",
+                    self.c_grid, "a list of values > 0, non-empty without the zero-shot prior")
         check_field(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", self.max_iter, ">= 1")
         check_field(isinstance(self.folds, int) and self.folds >= 2, "folds", self.folds, "an integer >= 2")
 
@@ -134,11 +137,16 @@ class LinearProbe(FeatureAdapter):
 
         grid = sorted(config.c_grid)  # strong -> weak regularisation, each warm-started from the last
         candidates = ([None] if config.zero_shot_prior else []) + grid
-        best, means = cross_validate(len(y), folds, candidates, score)
-        if best is not None:  # refine around the best C: half a decade either side
+        if grid:
+            top, means, per_fold = cross_validate(len(y), folds, candidates, score)
+            best = one_standard_error(candidates, per_fold)  # the strongest C (zero-shot first) within 1 SE
+        else:
+            top = best = None
+            means = {None: (math.nan,)}
+        if best is not None and best == top:  # refine around the best C: half a decade either side
             near = [c for c in (best / 10**0.5, best * 10**0.5) if grid[0] / 10 <= c <= grid[-1] * 10]
             warm.clear()
-            best2, more = cross_validate(len(y), folds, [best, *near], score)
+            best2, more, _ = cross_validate(len(y), folds, [best, *near], score)
             means.update(more)
             best = best2
         if best is None:
@@ -146,7 +154,7 @@ class LinearProbe(FeatureAdapter):
         else:
             with torch.enable_grad():
                 w, b = fit_logistic(x, y, prior, s, best, (prior, zero_b), config.max_iter)
-        chosen_by = f"{len(folds)}-fold cross-validation on the training images"
+        chosen_by = f"{len(folds)}-fold cross-validation on the training images" if grid else "no C to choose"
         logger.info("linear probe: C=%s chosen by %s (accuracy %.3f)", best, chosen_by, means[best][0])
         adapter = cls(backend, classes, config, s * w, b, best)
         adapter.selection = {"C": "zero-shot" if best is None else best, "chosen by": chosen_by,

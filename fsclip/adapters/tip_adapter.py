@@ -115,7 +115,7 @@ def cross_validate_alpha_beta(
         logits = zero_shot[ho] + alpha * cached.new_zeros(len(ho), n_cls).index_add_(1, labels[tr], cached)
         return float((logits.argmax(-1) == labels[ho]).float().mean()), -float(F.cross_entropy(logits, labels[ho]))
 
-    (alpha, beta), means = cross_validate(len(labels), held_out, cands, score)
+    (alpha, beta), means, _ = cross_validate(len(labels), held_out, cands, score)
     return alpha, beta, {"chosen by": f"{len(held_out)}-fold cross-validation on the training images",
                          "cross-validation accuracy": round(means[(alpha, beta)][0], 4)}
 
