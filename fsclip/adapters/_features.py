@@ -32,7 +32,7 @@ from fsclip.images import ImageLoadError, load_image
 from fsclip.prompts_io import load_templates
 from fsclip.zeroshot import build_text_classifier
 
-__all__ = ["FeatureData", "content_key", "encode_items", "encode_views", "load_images_or_fail"]
+__all__ = ["FeatureData", "content_key", "encode_items", "encode_views", "load_images_or_fail", "shrink_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def encode_views(
             hits = [store.get(f"{k}-{tag}-v{v}") if k is not None else None for k in keys]
             missing = [n for n, h in enumerate(hits) if h is None or (not pooled and h.shape != (backend.embed_dim,))]
             if missing and images is None:
-                images = [_shrink(img, 2 * backend.image_size) for img in load_images_or_fail(paths)]
+                images = [shrink_image(img, 2 * backend.image_size) for img in load_images_or_fail(paths)]
             t0 = budget.clock()
             if missing:
                 crops = [random_view(images[n], np.random.default_rng([seed, int(keys[n][:12], 16), v]),
@@ -192,7 +192,7 @@ def encode_views(
     return torch.stack(out) if out else torch.empty(0, len(paths), backend.embed_dim), schedule
 
 
-def _shrink(img: Image.Image, side: int) -> Image.Image:
+def shrink_image(img: Image.Image, side: int) -> Image.Image:
     """Downscale so the short side is `side`: crops resized to the model's input lose nothing, and cost less."""
     if min(img.size) <= side:
         return img

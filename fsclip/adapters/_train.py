@@ -18,7 +18,7 @@ from torch import nn
 
 from fsclip.adapters._augment import random_view
 from fsclip.adapters._budget import Budget, Progress, Schedule, median_seconds, plan_log
-from fsclip.adapters._features import _shrink, load_images_or_fail
+from fsclip.adapters._features import load_images_or_fail, shrink_image
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
 
@@ -140,7 +140,7 @@ class ImageBatches:
         self.backend = backend
         size = backend.image_size
         # decode once; shrink big photos (a crop keeps >= scale of the area, so 2x model size is enough)
-        self.images = [_shrink(img, 2 * size) for img in load_images_or_fail(data.paths)]
+        self.images = [shrink_image(img, 2 * size) for img in load_images_or_fail(data.paths)]
         self.targets = torch.tensor(data.targets, dtype=torch.long)
         self.batch_size = min(batch_size, len(self.images))
         self.crop_scale, self.flip = crop_scale, flip
