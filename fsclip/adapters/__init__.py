@@ -40,6 +40,7 @@ from fsclip.adapters._budget import (
     resolve_budget,
 )
 from fsclip.adapters._calibration import expected_calibration_error, fit_temperature
+from fsclip.adapters._costs import measure_costs
 from fsclip.adapters._data import check_pair, check_trainable, holdout_split
 from fsclip.adapters._features import encode_items
 from fsclip.adapters.advisor import Advice, AdvisorConfig, advise
@@ -128,17 +129,24 @@ def fit(
     plan_log.info("fit: %s on %d training images of %d classes (%d validation images); budget %s on %s",
                   method, len(train), len(train.classes), len(val), budget.describe(), backend.device)
     advice = None
+    costs = measure_costs(backend, train, budget) if budget.limited or method == AUTO else None
     if method == AUTO:
         if config is not None:
             raise UsageError("method 'auto' chooses the config too; pass options as keyword overrides instead")
         advice = advise(backend, train, overrides.get("templates", "imagenet80"), advisor, budget=budget,
-                        progress=progress, options=overrides)
+                        progress=progress, options=overrides, costs=costs)
         method = advice.method
         overrides = {**overrides, **advice.options}
     cls = get_adapter(method)
     cfg = _config(cls, config, overrides, lenient=advice is not None)
     if cls.needs_text(cfg) and not getattr(backend, "has_text", True):
         raise AdapterError(f"method {method} needs a text tower, and {backend.spec!r} has none")
+    # the base model's validation features (for the zero-shot comparison) now: cached, their cost is
+    # counted before any schedule is planned, and frozen-feature adapters read them from the cache later
+    encode_items(backend, val.paths, progress=progress, what="validation image")
+    if costs is not None:  # what follows training (re-encoding the validation images, ...) is kept out of it
+        prompts = len(train.classes) * len(load_templates(cfg.templates))
+        budget.reserve = max(budget.reserve, cls.finish_seconds(costs, len(val), prompts))
     devices = [backend.device] if backend.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # seeded without disturbing the caller's RNG
         torch.manual_seed(cfg.seed)

@@ -41,7 +41,7 @@ plan_log = logging.getLogger(PLAN_LOGGER)
 
 # Per device kind: CPU keeps every method's default fit to a few minutes; a GPU runs the papers' schedules.
 DEFAULT_BUDGETS = {"cpu": "3m", "mps": "10m", "cuda": "30m"}
-RESERVE = 0.1  # share of the budget kept for what follows training (final encoding, calibration)
+RESERVE = 0.1  # least share of the budget kept for what follows training (final encoding, calibration)
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
 
@@ -87,14 +87,21 @@ def format_seconds(seconds: float) -> str:
 
 @dataclass
 class Budget:
-    """Seconds allowed for one fit, counted from construction on `clock`."""
+    """Seconds allowed for one fit, counted from construction on `clock`.
+
+    `reserve`: seconds kept for the work that follows training (at least `RESERVE` of the budget;
+    `fit` raises it to the method's estimate of that work).
+    """
 
     seconds: float
     clock: Callable[[], float] = time.monotonic
+    reserve: float = -1.0
     start: float = field(init=False)
 
     def __post_init__(self):
         self.start = self.clock()
+        if self.reserve < 0:
+            self.reserve = RESERVE * self.seconds if self.limited else 0.0
 
     @property
     def limited(self) -> bool:
@@ -105,7 +112,7 @@ class Budget:
 
     def remaining(self) -> float:
         """Seconds left for work, the reserve for what follows training already taken off."""
-        return self.seconds * (1 - RESERVE) - self.elapsed()
+        return self.seconds - self.reserve - self.elapsed()
 
     def describe(self) -> str:
         return format_seconds(self.seconds)

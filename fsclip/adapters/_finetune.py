@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsclip.adapters._budget import Budget
+from fsclip.adapters._costs import Costs
 from fsclip.adapters._train import (
     ImageBatches,
     batched_features,
@@ -33,7 +34,7 @@ from fsclip.adapters._train import (
     score,
     trainable_copy,
 )
-from fsclip.adapters.base import Adapter, BaseModel, Costs
+from fsclip.adapters.base import Adapter, BaseModel
 from fsclip.adapters.config import TrainingConfig, check_field
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages

@@ -24,14 +24,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from fsclip.adapters._augment import random_view
 from fsclip.adapters._budget import Budget, format_seconds, plan_log
-from fsclip.adapters._crossval import cross_validate, fold_count, one_standard_error, stratified_folds
-from fsclip.adapters._features import FeatureData, load_images_or_fail
-from fsclip.adapters.base import Costs
+from fsclip.adapters._costs import Costs, measure_costs
+from fsclip.adapters._crossval import fold_count, one_standard_error, stratified_folds
+from fsclip.adapters._features import FeatureData
 from fsclip.adapters.config import check_field
 from fsclip.adapters.linear_probe import LinearProbe, LinearProbeConfig
 from fsclip.adapters.registry import get_adapter
@@ -39,7 +37,7 @@ from fsclip.backends import Backend
 from fsclip.data import LabeledImages
 from fsclip.errors import AdapterError
 
-__all__ = ["Advice", "AdvisorConfig", "advise", "measure_costs"]
+__all__ = ["Advice", "AdvisorConfig", "advise"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,42 +86,13 @@ class Advice:
                 *tail]
 
 
-@torch.inference_mode()
-def measure_costs(backend: Backend, train: LabeledImages, budget: Budget, probe_images: int = 4) -> Costs:
-    """Seconds per image and per prompt through the towers, timed on this device (second of two runs).
-
-    An image's cost includes reading it and making an augmented, preprocessed view of it: for small
-    models that, not the forward pass, is most of the time.
-    """
-    t0 = budget.clock()
-    rng = np.random.default_rng(0)
-    for img in load_images_or_fail(train.paths[:probe_images]):
-        backend.preprocess(random_view(img, rng, backend.image_size))
-    prepare = (budget.clock() - t0) / min(probe_images, len(train))
-    backend.model.eval()
-    size = backend.image_size
-    pixels = torch.zeros(probe_images, 3, size, size, device=backend.device, dtype=backend.dtype)
-    inputs = {k: v.to(backend.device) for k, v in backend.tokenize([f"a photo of a {c}." for c in
-                                                                   train.classes[:probe_images]]).items()}
-    image_s, text_s = [], []
-    for _ in range(2):
-        t0 = budget.clock()
-        backend.forward_images(pixels).float().cpu()
-        t1 = budget.clock()
-        backend.forward_texts(inputs).float().cpu()
-        image_s.append((t1 - t0) / probe_images)
-        text_s.append((budget.clock() - t1) / len(inputs["input_ids"]))
-    shots = min(train.counts().values())
-    return Costs(images=len(train), shots=shots, classes=len(train.classes), image_seconds=prepare + image_s[-1],
-                 text_seconds=text_s[-1])
-
-
 def advise(backend: Backend, train: LabeledImages, templates="imagenet80", config: AdvisorConfig | None = None,
-           *, budget: Budget | None = None, progress: bool = False, options: dict[str, Any] | None = None) -> Advice:
+           *, budget: Budget | None = None, progress: bool = False, options: dict[str, Any] | None = None,
+           costs: Costs | None = None) -> Advice:
     """Measure data size, domain similarity and compute on the training images, and pick a method.
 
     `options`: the fit's option overrides, applied to the heads compared by cross-validation where
-    they have them (e.g. `crop_scale`).
+    they have them (e.g. `crop_scale`). `costs`: already measured (`measure_costs`), else measured here.
     """
     cfg = config or AdvisorConfig()
     budget = budget or Budget(math.inf)
@@ -144,7 +113,7 @@ def advise(backend: Backend, train: LabeledImages, templates="imagenet80", confi
     m["zero-shot above chance"] = above
     m["domain"] = "similar" if similar else "different"
 
-    costs = measure_costs(backend, train, budget)
+    costs = costs or measure_costs(backend, train, budget)
     m["device"] = str(backend.device)
     m["image forward (s/image)"] = round(costs.image_seconds, 5)
     m["budget left"] = format_seconds(budget.remaining())
@@ -204,30 +173,43 @@ def _cross_validated_head(backend: Backend, train: LabeledImages, data: FeatureD
     folds = stratified_folds(targets, fold_count(min(train.counts().values())), seed=options.get("seed", 0))
     heads = [h for h in HEADS if h == "zero-shot" or (get_adapter(h).unsupported(backend) is None and (
         h == advice.method or h in ("linear-probe", "tip-adapter")))]
-    share = budget.remaining() * CV_SHARE / max(1, (len(heads) - 1) * len(folds))
-    scale = data.logit_scale
+    start, cap = budget.elapsed(), budget.remaining() * CV_SHARE
+    everything = torch.arange(len(targets))
 
-    def score(head: str, _fold: int, tr: torch.Tensor, ho: torch.Tensor) -> tuple[float]:
+    def fold_accuracy(head: str, held: torch.Tensor, seconds: float) -> float:
         if head == "zero-shot":
-            logits = scale * data.train[ho] @ data.text.T
+            logits = data.logit_scale * data.train[held] @ data.text.T
         else:
             cls = get_adapter(head)
             fields = cls.config_class.fields()
             config = cls.config_class().with_options(**{k: v for k, v in options.items() if k in fields})
-            part = train.subset(tr.tolist())
-            adapter = cls.fit(backend, part, part, config, budget=Budget(share, clock=budget.clock))
-            logits = adapter.logits_from_features(data.train[ho])
-        return (float((logits.float().argmax(-1) == targets[ho]).float().mean()),)
+            keep = torch.ones(len(targets), dtype=torch.bool)
+            keep[held] = False
+            part = train.subset(everything[keep].tolist())
+            adapter = cls.fit(backend, part, part, config, budget=Budget(seconds, clock=budget.clock))
+            logits = adapter.logits_from_features(data.train[held])
+        return float((logits.float().argmax(-1) == targets[held]).float().mean())
 
+    per_fold: dict[str, list[tuple[float]]] = {}
+    skipped = []
     plan_log.disabled = True  # the per-fold fits' plans would drown the advisor's own lines
     try:
-        _, means, per_fold = cross_validate(len(targets), folds, heads, score)
+        for n, head in enumerate(heads):
+            spent = budget.elapsed() - start
+            if head != "zero-shot" and spent >= cap:
+                skipped = heads[n:]
+                break
+            fits_left = (len(heads) - n) * len(folds)
+            per_fold[head] = [(fold_accuracy(head, held, (cap - spent) / fits_left),) for held in folds]
     finally:
         plan_log.disabled = False
-    best = one_standard_error(heads, per_fold)
+    tried = [h for h in heads if h in per_fold]
+    best = one_standard_error(tried, per_fold)
     m = dict(advice.measurements)
-    for head in heads:
-        m[f"{head} accuracy (cross-validated)"] = round(means[head][0], 4)
+    for head in tried:
+        m[f"{head} accuracy (cross-validated)"] = round(sum(s[0] for s in per_fold[head]) / len(folds), 4)
+    for head in skipped:
+        m[f"{head} accuracy (cross-validated)"] = "not measured: the budget's share for it was spent"
     how = (f"{advice.reason}; by {len(folds)}-fold cross-validation on the training images, the head closest "
            f"to zero-shot within one standard error of the best: {best}")
     method = "linear-probe" if best == "zero-shot" else best  # the probe without a C is the zero-shot classifier
@@ -237,26 +219,31 @@ def _cross_validated_head(backend: Backend, train: LabeledImages, data: FeatureD
 def _choose(ranked: list[str], backend: Backend, costs: Costs, budget: Budget, m: dict[str, Any],
             reason: str) -> Advice:
     """The first method of `ranked` that works on this model and whose default schedule fits the budget."""
-    skipped, runnable = [], []
+    skipped: list[tuple[str, str]] = []  # (method, why not)
+    runnable: list[tuple[float, str]] = []
     for method in ranked:
         cls = get_adapter(method)
         why_not = cls.unsupported(backend)
         if why_not is not None:
-            skipped.append(f"{method} {why_not}")
+            skipped.append((method, f"{method} {why_not}"))
             continue
         seconds = cls.default_seconds(costs)
         m[f"{method} default schedule (estimated)"] = format_seconds(seconds)
         runnable.append((seconds, method))
         if seconds <= budget.remaining():
             break
-        skipped.append(f"{method}'s default schedule (about {format_seconds(seconds)} here) does not fit the "
-                       f"{format_seconds(budget.remaining())} left of the budget")
+        skipped.append((method, f"{method}'s default schedule (about {format_seconds(seconds)} here) does not "
+                                 f"fit the {format_seconds(budget.remaining())} left of the budget"))
     if not runnable:
-        raise AdapterError(f"no method of {', '.join(ranked)} can run on {backend.spec!r}: {'; '.join(skipped)}")
-    method = runnable[-1][1] if runnable[-1][0] <= budget.remaining() else min(runnable)[1]
+        raise AdapterError(f"no method of {', '.join(ranked)} can run on {backend.spec!r}: "
+                           f"{'; '.join(why for _, why in skipped)}")
+    fits = runnable[-1][0] <= budget.remaining()
+    method = runnable[-1][1] if fits else min(runnable)[1]
     compute = ""
     if method != ranked[0]:
-        compute = "; ".join(s for s in skipped if not s.startswith(f"{method} ")) + f": chose {method} instead"
+        compute = "; ".join(why for name, why in skipped if name != method)
+        compute += f": chose {method} instead" if fits else (
+            f"; none fits: chose the cheapest, {method}, and cut its schedule to the budget")
     return Advice(method, reason, m, compute)
 
 

@@ -26,13 +26,14 @@ from safetensors.torch import load_file, save_file
 from fsclip._io import atomic_dir
 from fsclip._version import __version__
 from fsclip.adapters._budget import Budget
+from fsclip.adapters._costs import Costs
 from fsclip.adapters._features import encode_items
 from fsclip.adapters.config import AdapterConfig
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
 from fsclip.errors import AdapterError, UsageError
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "WEIGHTS_FILE", "Adapter", "BaseModel", "Costs", "read_header"]
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "WEIGHTS_FILE", "Adapter", "BaseModel", "read_header"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +59,6 @@ class BaseModel:
         # a folder spec is stored absolute, so the adapter still finds it from another working directory
         spec = str(Path(backend.spec).resolve()) if os.path.isdir(backend.spec) else backend.spec
         return cls(spec, backend.name, backend.fingerprint, str(backend.dtype).removeprefix("torch."))
-
-
-@dataclass(frozen=True)
-class Costs:
-    """What the advisor knows before fitting: the data's size and this device's measured forward times."""
-
-    images: int
-    shots: int  # training images in the smallest class
-    classes: int
-    image_seconds: float  # one image through the image tower, no gradients
-    text_seconds: float  # one prompt through the text tower, no gradients
-
-    def train_step(self, images: int, prompts: int) -> float:
-        """A training step through both towers: forward and backward cost about three forwards."""
-        return 3 * (images * self.image_seconds + prompts * self.text_seconds)
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
@@ -134,6 +120,12 @@ class Adapter(ABC):
     def default_seconds(cls, costs: Costs) -> float:
         """Estimated seconds of a fit with the default schedule (no budget cut): here, encoding the images."""
         return costs.images * costs.image_seconds
+
+    @classmethod
+    def finish_seconds(cls, costs: Costs, val_images: int, prompts: int) -> float:
+        """Estimated seconds after training: encoding the validation images with an adapted image tower
+        (frozen-feature methods read them from the cache). `prompts`: class prompts of the zero-shot ensemble."""
+        return 0.0 if cls.frozen_backbone else val_images * costs.image_seconds
 
     @classmethod
     @abstractmethod

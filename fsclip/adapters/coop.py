@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsclip.adapters._budget import Budget, Schedule
+from fsclip.adapters._costs import Costs
 from fsclip.adapters._features import encode_views
 from fsclip.adapters._frozen import FeatureAdapter
 from fsclip.adapters._train import FeatureBatches, class_targets, run_training, shots_per_class
-from fsclip.adapters.base import BaseModel, Costs
+from fsclip.adapters.base import BaseModel
 from fsclip.adapters.config import AdapterConfig, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fsclip.adapters._budget import Budget
+from fsclip.adapters._costs import Costs
 from fsclip.adapters._export import write_model_folder
 from fsclip.adapters._train import (
     ImageBatches,
@@ -43,7 +44,7 @@ from fsclip.adapters._train import (
     shots_per_class,
     trainable_copy,
 )
-from fsclip.adapters.base import Adapter, BaseModel, Costs
+from fsclip.adapters.base import Adapter, BaseModel
 from fsclip.adapters.config import TrainingConfig, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend
@@ -134,6 +135,11 @@ class LoraAdapter(Adapter):
             return (f"needs attention blocks in the image tower, and {backend.spec!r}'s "
                     f"({type(backend.image_tower).__name__}) has none")
         return super().unsupported(backend)
+
+    @classmethod
+    def finish_seconds(cls, costs: Costs, val_images: int, prompts: int) -> float:
+        # a fresh copy of the model rebuilt from the LoRA weights re-encodes every class prompt
+        return val_images * costs.image_seconds + prompts * costs.text_seconds
 
     @classmethod
     def default_seconds(cls, costs: Costs) -> float:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fsclip.adapters._budget import Budget, Schedule
+from fsclip.adapters._costs import Costs
 from fsclip.adapters._features import encode_views
 from fsclip.adapters._train import (
     FeatureBatches,
@@ -33,7 +34,7 @@ from fsclip.adapters._train import (
     shots_per_class,
     trainable_copy,
 )
-from fsclip.adapters.base import Adapter, BaseModel, Costs
+from fsclip.adapters.base import Adapter, BaseModel
 from fsclip.adapters.config import AdapterConfig, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend

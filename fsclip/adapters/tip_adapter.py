@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from fsclip.adapters._budget import Budget, Schedule
+from fsclip.adapters._costs import Costs
 from fsclip.adapters._crossval import cross_validate, fold_count, stratified_folds
 from fsclip.adapters._features import FeatureData, encode_views
 from fsclip.adapters._frozen import FeatureAdapter
-from fsclip.adapters.base import BaseModel, Costs
+from fsclip.adapters.base import BaseModel
 from fsclip.adapters.config import AdapterConfig, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend
