@@ -132,8 +132,8 @@ class LoraAdapter(Adapter):
         suffixes = tuple(backend.attention_target_modules())
         if not any(isinstance(m, torch.nn.MultiheadAttention) or n.rsplit(".", 1)[-1] in suffixes
                    for b in blocks for n, m in b.named_modules()):
-            return (f"needs attention blocks in the image tower, and {backend.spec!r}'s "
-                    f"({type(backend.image_tower).__name__}) has none")
+            return (f"needs q, k, v projections in the image tower's attention blocks, and {backend.spec!r}'s "
+                    f"({type(backend.image_tower).__name__}) has none it can adapt")
         return super().unsupported(backend)
 
     @classmethod
