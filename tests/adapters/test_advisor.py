@@ -44,7 +44,7 @@ def test_small_data_similar_domain_keeps_the_backbone_frozen(shots, shapes_task,
 def test_a_head_that_beats_zero_shot_in_cross_validation_is_chosen(shapes_task, shapes_backend):
     # all 9 shapes at 8 shots: the novel ones are learnable, and zero-shot cannot name them
     train = sample_shots(shapes_task.pool, 8, seed=0)
-    advice = advise(shapes_backend, train, "shapes", options={"views": 2, "epochs": 30})
+    advice = advise(shapes_backend, train, "shapes", options={"views": 2, "epochs": 30, "c_grid": (1.0, 100.0)})
     m = advice.measurements
     assert m["domain"] == "similar"
     assert advice.method in ("linear-probe", "tip-adapter", "clap") and not advice.options
