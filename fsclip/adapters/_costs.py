@@ -31,7 +31,6 @@ class Costs:
         return 3 * (images * self.image_seconds + prompts * self.text_seconds)
 
 
-
 @torch.inference_mode()
 def measure_costs(backend: Backend, train: LabeledImages, budget: Budget, probe_images: int = 4) -> Costs:
     """Seconds per image and per prompt through the towers, timed on this device (second of two runs).
@@ -47,16 +46,18 @@ def measure_costs(backend: Backend, train: LabeledImages, budget: Budget, probe_
     backend.model.eval()
     size = backend.image_size
     pixels = torch.zeros(probe_images, 3, size, size, device=backend.device, dtype=backend.dtype)
-    inputs = {k: v.to(backend.device) for k, v in backend.tokenize([f"a photo of a {c}." for c in
-                                                                   train.classes[:probe_images]]).items()}
+    has_text = getattr(backend, "has_text", True)  # image-only backbones have no prompts to time
+    prompts = [f"a photo of a {c}." for c in train.classes[:probe_images]]
+    inputs = {k: v.to(backend.device) for k, v in backend.tokenize(prompts).items()} if has_text else {}
     image_s, text_s = [], []
     for _ in range(2):
         t0 = budget.clock()
         backend.forward_images(pixels).float().cpu()
         t1 = budget.clock()
-        backend.forward_texts(inputs).float().cpu()
+        if has_text:
+            backend.forward_texts(inputs).float().cpu()
         image_s.append((t1 - t0) / probe_images)
-        text_s.append((budget.clock() - t1) / len(inputs["input_ids"]))
+        text_s.append((budget.clock() - t1) / len(prompts))
     shots = min(train.counts().values())
     return Costs(images=len(train), shots=shots, classes=len(train.classes), image_seconds=prepare + image_s[-1],
                  text_seconds=text_s[-1])
