@@ -4,6 +4,7 @@
     python -m eval.fewshot_table --quick            # 1 seed, 2 shot counts, small test set: checks it runs
     python -m eval.fewshot_table --save runs.json   # also keep every run (accuracy, fit time, schedule)
     python -m eval.fewshot_table --load a.json b.json   # one table from saved runs
+    python -m eval.fewshot_table --methods clap --option lagrangian_updates=true   # a method's option
 
 The task the tests use: name the shape among the 6 base shapes and the 3 novel ones the bundled
 shapes-world CLIP never saw in pretraining (9 classes, random colours). Protocol as in CoOp: K training
@@ -90,7 +91,8 @@ def _schedule(adapter) -> str:
     return ", ".join(parts) or "-"
 
 
-def run(methods: list[str], shots: list[int], seeds: list[int], test_per_class: int, budget: str | None) -> dict:
+def run(methods: list[str], shots: list[int], seeds: list[int], test_per_class: int, budget: str | None,
+        options: dict | None = None) -> dict:
     from fsclip.adapters import fit
     from fsclip.backends import load_model
     from fsclip.data import sample_shots
@@ -109,7 +111,7 @@ def run(methods: list[str], shots: list[int], seeds: list[int], test_per_class: 
                 for m in methods:
                     t0 = time.perf_counter()
                     adapter = fit(backend, train, m, val=val, templates="shapes", seed=seed, budget=budget,
-                                  **options_for(m))
+                                  **options_for(m), **(options or {}))
                     seconds = time.perf_counter() - t0
                     acc = accuracy(adapter, test)
                     runs.append({"method": m, "shots": k, "seed": seed, "accuracy": acc, "fit_seconds": seconds,
@@ -117,7 +119,7 @@ def run(methods: list[str], shots: list[int], seeds: list[int], test_per_class: 
                     log.info("%s %d-shot seed %d: %.3f (%s, %.0f s, %s)", m, k, seed, acc, adapter.name, seconds,
                              runs[-1]["schedule"])
     return {"zero_shot": zs, "test_per_class": test_per_class, "budget": budget or "default (3m on CPU)",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs}
+            "options": options or {}, "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs}
 
 
 def table(results: dict) -> str:
@@ -144,7 +146,8 @@ def table(results: dict) -> str:
         rows.append([m, *accs, f"{statistics.mean(r['fit_seconds'] for r in mine):.1f} s", ran])
     note = (f"\n\nShapes world, 9 classes (6 base + 3 novel shapes), test {results['test_per_class']} images per "
             f"class, seeds {', '.join(map(str, seeds))}; validation min(K, 4) per class; budget "
-            f"{results['budget']} per fit; CPU, torch {results['torch']}, {results['threads']} thread(s). "
+            f"{results['budget']} per fit; options {results.get('options') or 'none'} besides the defaults; CPU, torch "
+            f"{results['torch']}, {results['threads']} thread(s). "
             "'ran': views and steps planned / the method's default (cut where the budget did not fit it).")
     return markdown_table(header, rows) + note
 
@@ -160,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=default, choices=choices)
     p.add_argument("--test-per-class", type=int, default=50)
     p.add_argument("--budget", default=None, help="budget per fit (default: fsclip fit's, 3m on CPU)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for every method run (value read as JSON if it parses); repeatable")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="1 seed, 1 and 4 shots, 10 test images per class, "
                                                         "budget 20s: checks that it runs")
@@ -177,7 +182,14 @@ def main(argv=None) -> int:
         if args.quick:
             args.seeds, args.shots, args.test_per_class = args.seeds[:1], [1, 4], 10
             args.budget = args.budget or "20s"
-        results = run(args.methods, args.shots, args.seeds, args.test_per_class, args.budget)
+        options = {}
+        for item in args.option:
+            key, _, value = item.partition("=")
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value
+        results = run(args.methods, args.shots, args.seeds, args.test_per_class, args.budget, options)
         if args.save:
             args.save.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))

@@ -182,6 +182,10 @@ def _evaluate(adapter: Adapter, backend: Backend, train: LabeledImages, val: Lab
     """Report zero-shot vs adapter accuracy on the validation images, and calibrate there."""
     y = torch.tensor(val.targets, dtype=torch.long)
     logits = adapter.logits_from_features(adapter.encode(val.paths)).float().cpu()
+    if not torch.isfinite(logits).all():
+        lr = getattr(adapter.config, "lr", None)
+        raise AdapterError(f"{adapter.name} diverged: its outputs are not finite"
+                           + (f"; try a lower learning rate than lr={lr:g}" if lr is not None else ""))
     acc = {"adapter": float((logits.argmax(-1) == y).float().mean())}
     if getattr(backend, "has_text", True):
         text = build_text_classifier(backend, train.classes, load_templates(adapter.config.templates)).float().cpu()

@@ -57,8 +57,8 @@ class ClapConfig(AdapterConfig):
         epochs: passes over all views; None: the paper's 300, cut to the compute budget.
         lr: peak SGD learning rate, in the reference's scale (see the module docstring).
         batch_size: features per step.
-        lagrangian_updates: update the penalty multipliers after every epoch (PHR augmented Lagrangian)
-            instead of keeping the zero-shot-derived ones.
+        lagrangian_updates: update the penalty multipliers after every epoch (PHR augmented Lagrangian,
+            capped at 1 / lr for a stable step) instead of keeping the zero-shot-derived ones.
         crop_scale: smallest area fraction of the random resized crop.
         flip: random horizontal flips in the views.
     """
@@ -146,8 +146,9 @@ class Clap(FeatureAdapter):
                 return
             with torch.no_grad():
                 h = distance()
-                state["lambda"] = torch.where(state["lambda"] + state["rho"] * h >= 0,
-                                              state["lambda"] + state["rho"] * h, torch.zeros_like(h))
+                # capped where an SGD step on the penalty would overshoot (weight * lr > 1): uncapped,
+                # the multipliers grow every epoch until the prototypes diverge
+                state["lambda"] = (state["lambda"] + state["rho"] * h).clamp(0.0, 1.0 / config.lr)
                 state["rho"] = h
 
         batches = FeatureBatches(views, targets, config.batch_size, config.seed, pool_views=True)
