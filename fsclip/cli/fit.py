@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "fit", help="few-shot adapt a model to labelled images (one sub-folder per class)",
         description="Fit a few-shot adapter on an ImageFolder (train/<class>/<image>; '_' in folder names reads "
-                    "as a space), compare it with zero-shot on a validation split, and save it to --out.",
+                    "as a space) within a compute budget (--budget; the plan is printed before the work), compare "
+                    "it with zero-shot on a validation split used for nothing else, and save it to --out.",
     )
     p.add_argument("train", type=Path, help="training folder: one sub-folder of images per class")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write (written atomically)")
