@@ -1,32 +1,46 @@
 """Few-shot adaptation: one module per method behind one registry and one contract.
 
     >>> from fsclip.adapters import fit, load_adapter
-    >>> adapter = fit(load_model("shapes"), load_image_folder("train/"), method="tip-adapter")
+    >>> adapter = fit(load_model("shapes"), load_image_folder("train/"), method="clap", budget="2m")
     >>> adapter.predict_proba(["img.png"])        # (1, C) calibrated probabilities
     >>> adapter.save("my-adapter/"); load_adapter("my-adapter/")
 
-Methods (`list_adapters()`): linear-probe, tip-adapter, tip-adapter-f (frozen features, cached on
-disk), lora, partial-ft, full-ft (train the image tower, or both towers for LoRA); `auto` asks the
-strategy advisor. Every fit ends the same way: a temperature calibrated on the validation split, and
-validation accuracy of zero-shot vs the adapter recorded in `adapter.metrics` (and `metrics.json`).
+Methods (`list_adapters()`): on frozen, cached features clap, coop, linear-probe, tip-adapter and
+tip-adapter-f; prolip (the image projection), lora, partial-ft and full-ft train part of the towers;
+`auto` asks the strategy advisor. Every fit runs within a compute budget (`budget=`, default per
+device) that sizes the schedules, and ends the same way: the validation images, which no method
+chooses anything on, give the reported accuracy of zero-shot vs the adapter and a temperature for
+calibrated probabilities (its effect on calibration error cross-fitted); all of it in
+`adapter.metrics` (and `metrics.json`), with which data each figure came from.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 import torch
 
+from fsclip.adapters import clap as _clap  # noqa: F401  (registers)
+from fsclip.adapters import coop as _coop  # noqa: F401  (registers)
 from fsclip.adapters import full_ft as _full_ft  # noqa: F401  (registers)
 from fsclip.adapters import linear_probe as _linear_probe  # noqa: F401  (registers)
 from fsclip.adapters import lora as _lora  # noqa: F401  (registers)
 from fsclip.adapters import partial_ft as _partial_ft  # noqa: F401  (registers)
+from fsclip.adapters import prolip as _prolip  # noqa: F401  (registers)
 from fsclip.adapters import tip_adapter as _tip_adapter  # noqa: F401  (registers)
 from fsclip.adapters import tip_adapter_f as _tip_adapter_f  # noqa: F401  (registers)
+from fsclip.adapters._budget import (
+    DEFAULT_BUDGETS,
+    Budget,
+    format_seconds,
+    parse_duration,
+    plan_log,
+    resolve_budget,
+)
 from fsclip.adapters._calibration import expected_calibration_error, fit_temperature
+from fsclip.adapters._costs import measure_costs
 from fsclip.adapters._data import check_pair, check_trainable, holdout_split
 from fsclip.adapters._features import encode_items
 from fsclip.adapters.advisor import Advice, AdvisorConfig, advise
@@ -45,6 +59,8 @@ __all__ = [
     "AdapterConfig",
     "Advice",
     "AdvisorConfig",
+    "Budget",
+    "DEFAULT_BUDGETS",
     "advise",
     "fit",
     "get_adapter",
@@ -52,6 +68,7 @@ __all__ = [
     "list_adapters",
     "list_methods",
     "load_adapter",
+    "parse_duration",
     "register_adapter",
 ]
 
@@ -78,68 +95,126 @@ def fit(
     val: LabeledImages | None = None,
     config: AdapterConfig | None = None,
     *,
+    budget: Budget | str | float | None = None,
     advisor: AdvisorConfig | None = None,
     progress: bool = False,
     **overrides: Any,
 ) -> Adapter:
-    """Fit a few-shot adapter; `backend` itself is never modified.
+    """Fit a few-shot adapter within a compute budget; `backend` itself is never modified.
 
     Args:
         backend: the base model (`fsclip.backends.load_model(spec)`).
         train: labelled training images.
         method: one of `list_methods()`; `auto` lets the strategy advisor choose (see `adapter.metrics`).
-        val: validation images with the same classes; default: a stratified split of `train`
-            (min(k, 4) per class, see `holdout_split`).
+        val: validation images with the same classes, used only to report accuracy and calibrate
+            (and for early stopping where a config asks for it); default: a stratified split of
+            `train` (min(k, 4) per class, see `holdout_split`).
         config: the method's config dataclass; default: its defaults.
+        budget: wall-clock budget for the whole fit, e.g. "5m", "2h", 90 (seconds), "none" (no limit);
+            default: `DEFAULT_BUDGETS` for the model's device. Schedules are cut to fit it; explicit
+            `iters` / `epochs` / `views` win over it.
         advisor: thresholds of the strategy matrix for `auto`.
-        progress: progress bars on stderr.
-        **overrides: config fields to change, e.g. `iters=200, lr=1e-4`.
+        progress: progress bars on stderr (periodic log lines on `PLAN_LOGGER` when not a terminal).
+        **overrides: config fields to change, e.g. `iters=200, lr=1e-4`; an unknown one is an error.
+
+    Raises:
+        UsageError: unknown method or option, a bad value, a bad budget.
+        AdapterError: the method cannot run on this model (e.g. CoOp without a text tower).
     """
+    budget = resolve_budget(budget, backend.device)
     check_trainable(train)
     if val is None:
         train, val = holdout_split(train, seed=overrides.get("seed", config.seed if config else 0))
     check_pair(train, val)
+    plan_log.info("fit: %s on %d training images of %d classes (%d validation images); budget %s on %s",
+                  method, len(train), len(train.classes), len(val), budget.describe(), backend.device)
     advice = None
+    costs = measure_costs(backend, train, budget) if budget.limited or method == AUTO else None
     if method == AUTO:
         if config is not None:
             raise UsageError("method 'auto' chooses the config too; pass options as keyword overrides instead")
-        advice = advise(backend, train, val, overrides.get("templates", "imagenet80"), advisor, progress=progress)
+        advice = advise(backend, train, overrides.get("templates", "imagenet80"), advisor, budget=budget,
+                        progress=progress, options=overrides, costs=costs)
         method = advice.method
+        overrides = {**overrides, **advice.options}
     cls = get_adapter(method)
     cfg = _config(cls, config, overrides, lenient=advice is not None)
-    start = time.perf_counter()
+    if cls.needs_text(cfg) and not getattr(backend, "has_text", True):
+        raise AdapterError(f"method {method} needs a text tower, and {backend.spec!r} has none")
+    # the base model's validation features (for the zero-shot comparison) now: cached, their cost is
+    # counted before any schedule is planned, and frozen-feature adapters read them from the cache later
+    encode_items(backend, val.paths, progress=progress, what="validation image")
+    if costs is not None:  # what follows training (re-encoding the validation images, ...) is kept out of it
+        prompts = len(train.classes) * len(load_templates(cfg.templates))
+        budget.reserve = max(budget.reserve, cls.finish_seconds(costs, len(val), prompts))
     devices = [backend.device] if backend.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # seeded without disturbing the caller's RNG
         torch.manual_seed(cfg.seed)
-        adapter = cls.fit(backend, train, val, cfg, progress=progress)
-    _evaluate(adapter, backend, train, val, advice, time.perf_counter() - start)
+        adapter = cls.fit(backend, train, val, cfg, progress=progress, budget=budget)
+    fitted = budget.elapsed()
+    _evaluate(adapter, backend, train, val, advice, fitted)
+    adapter.metrics["budget"] = {"seconds": None if not budget.limited else budget.seconds,
+                                 "fit_seconds": round(fitted, 2), "total_seconds": round(budget.elapsed(), 2)}
+    plan_log.info("fit done in %s (budget %s)", format_seconds(budget.elapsed()), budget.describe())
     return adapter
+
+
+def _crossfit_ece(logits: torch.Tensor, y: torch.Tensor) -> float | None:
+    """ECE of temperature-scaled probabilities where each half's temperature is fitted on the other half.
+
+    A temperature fitted and scored on the same few images looks better than it is; cross-fitting
+    scores every image with a temperature that never saw it. None with fewer than 4 images.
+    """
+    if len(y) < 4:
+        return None
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    halves = order.chunk(2)
+    probs = torch.empty_like(logits)
+    for fit_on, score_on in ((halves[0], halves[1]), (halves[1], halves[0])):
+        t = fit_temperature(logits[fit_on], y[fit_on])
+        probs[score_on] = (logits[score_on] / t).softmax(-1)
+    return expected_calibration_error(probs, y)
 
 
 @torch.no_grad()
 def _evaluate(adapter: Adapter, backend: Backend, train: LabeledImages, val: LabeledImages, advice: Advice | None,
               seconds: float) -> None:
-    """Calibrate on validation and record zero-shot vs adapter accuracy there."""
+    """Report zero-shot vs adapter accuracy on the validation images, and calibrate there."""
     y = torch.tensor(val.targets, dtype=torch.long)
-    text = build_text_classifier(backend, train.classes, load_templates(adapter.config.templates)).float().cpu()
-    zs = backend.logit_scale * encode_items(backend, val.paths, what="validation image") @ text.T
     logits = adapter.logits_from_features(adapter.encode(val.paths)).float().cpu()
+    if not torch.isfinite(logits).all():
+        lr = getattr(adapter.config, "lr", None)
+        raise AdapterError(f"{adapter.name} diverged: its outputs are not finite"
+                           + (f"; try a lower learning rate than lr={lr:g}" if lr is not None else ""))
+    acc = {"adapter": float((logits.argmax(-1) == y).float().mean())}
+    if getattr(backend, "has_text", True):
+        text = build_text_classifier(backend, train.classes, load_templates(adapter.config.templates)).float().cpu()
+        zs = backend.logit_scale * encode_items(backend, val.paths, what="validation image") @ text.T
+        acc = {"zero_shot": float((zs.argmax(-1) == y).float().mean()), **acc}
     temperature = fit_temperature(logits, y) if adapter.config.calibrate else 1.0
     adapter.temperature = temperature
-    acc = {"zero_shot": float((zs.argmax(-1) == y).float().mean()), "adapter": float((logits.argmax(-1) == y).float().mean())}
+    uses = ["reported accuracy", "temperature (calibration)", *adapter.validation_uses]
     adapter.metrics = {
         "method": adapter.name,
         "val_accuracy": acc,
         "val_ece": {"uncalibrated": expected_calibration_error(logits.softmax(-1), y),
-                    "calibrated": expected_calibration_error((logits / temperature).softmax(-1), y)},
+                    "calibrated": expected_calibration_error((logits / temperature).softmax(-1), y),
+                    "calibrated_cross_fitted": _crossfit_ece(logits, y) if adapter.config.calibrate else None},
         "temperature": temperature,
         "train_images": len(train),
         "val_images": len(val),
         "images_per_class": {"min": min(train.counts().values()), "max": max(train.counts().values())},
         "fit_seconds": round(seconds, 2),
+        "selection": adapter.selection,
+        "data_roles": {
+            "training images": "fitting; any choice the method makes (cross-validation on them) and the "
+                               "advisor's measurements",
+            "validation images": ", ".join(uses),
+        },
+        "val_accuracy_is_held_out": not adapter.validation_uses,
         "advice": advice.to_dict() if advice else None,
     }
-    logger.info("validation accuracy: zero-shot %.3f, %s %.3f", acc["zero_shot"], adapter.name, acc["adapter"])
+    logger.info("validation accuracy: %s", ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
 
 
 def load_adapter(path: str | os.PathLike, backend: Backend | None = None, device: str | torch.device = "auto",

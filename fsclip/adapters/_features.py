@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save
 from fsclip._cache import cache_dir
 from fsclip._io import atomic_write
 from fsclip.adapters._augment import random_view
+from fsclip.adapters._budget import Budget, Progress, Schedule, plan_log
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
 from fsclip.encode import encode_images
@@ -30,7 +32,7 @@ from fsclip.images import ImageLoadError, load_image
 from fsclip.prompts_io import load_templates
 from fsclip.zeroshot import build_text_classifier
 
-__all__ = ["FeatureData", "content_key", "encode_items", "encode_views", "load_images_or_fail"]
+__all__ = ["FeatureData", "content_key", "encode_items", "encode_views", "load_images_or_fail", "shrink_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +49,11 @@ def content_key(path: str | os.PathLike) -> str | None:
 
 
 class _Store:
-    """One small safetensors file per (model, image, view)."""
+    """One small safetensors file per (model, image, view); `kind` keeps other feature kinds apart."""
 
-    def __init__(self, backend: Backend):
-        self.root = cache_dir("features", f"{backend.features_id}-{backend.image_size}")
+    def __init__(self, backend: Backend, kind: str = ""):
+        suffix = f"-{kind}" if kind else ""
+        self.root = cache_dir("features", f"{backend.features_id}-{backend.image_size}{suffix}")
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -127,48 +130,83 @@ def load_images_or_fail(paths: Sequence[str | os.PathLike], what: str = "trainin
     return images
 
 
+def _forward_crops(backend: Backend, crops: Sequence[Image.Image], batch_size: int, pooled: bool) -> torch.Tensor:
+    """(N, D) normalised features of PIL crops, or (N, W) pooled features before the final projection."""
+    out = []
+    backend.model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(crops), batch_size):
+            pixels = torch.stack([backend.preprocess(c) for c in crops[i : i + batch_size]])
+            pixels = pixels.to(backend.device, backend.dtype)
+            out.append((backend.forward_image_pooled(pixels) if pooled else backend.encode_images(pixels)).float().cpu())
+    return torch.cat(out)
+
+
 def encode_views(
     backend: Backend, paths: Sequence[str | os.PathLike], views: int, crop_scale: float, flip: bool, seed: int,
-    progress: bool = False, batch_size: int = 32,
-) -> torch.Tensor:
-    """(views, N, D) features of random augmented views of each image, cached like plain features.
+    progress: bool = False, batch_size: int = 32, *, budget: Budget | None = None, fixed: bool = False,
+    share: float = 1.0, pooled: bool = False, what: str = "augmented views",
+) -> tuple[torch.Tensor, Schedule]:
+    """(V, N, D) features of V <= `views` random augmented views of each image, and how V was chosen.
 
     View v of an image is a function of (seed, v, the image's bytes, the augmentation), so cached views
-    are exactly the ones a fresh run would draw.
+    are exactly the ones a fresh run would draw. Views are encoded one at a time; unless `fixed`, the
+    count is cut to what fits in `share` of the `budget` left, timed on the first view that needed
+    encoding. `pooled`: features before the image tower's final projection (ProLIP trains it).
     """
-    out = torch.empty(views, len(paths), backend.embed_dim)
-    if views == 0:
-        return out
-    store = _Store(backend)
-    tag = f"aug-s{crop_scale:g}-f{int(flip)}-seed{seed}"
+    schedule = Schedule(what, "view", default=views, fixed=views if fixed else None)
+    budget = budget or Budget(math.inf)
+    store = _Store(backend, "pooled" if pooled else "")
+    tag = f"aug2-s{crop_scale:g}-f{int(flip)}-seed{seed}"
     keys = [content_key(p) for p in paths]
-    missing = []
-    for n, key in enumerate(keys):
+    images: list[Image.Image] | None = None
+    out: list[torch.Tensor] = []
+    bar = Progress(views, what, "view", progress, clock=budget.clock)
+    try:
         for v in range(views):
-            hit = store.get(f"{key}-{tag}-v{v}") if key is not None else None
-            if hit is None or hit.shape != (backend.embed_dim,):
-                missing.append(n)
+            hits = [store.get(f"{k}-{tag}-v{v}") if k is not None else None for k in keys]
+            missing = [n for n, h in enumerate(hits) if h is None or (not pooled and h.shape != (backend.embed_dim,))]
+            if missing and images is None:
+                images = [shrink_image(img, 2 * backend.image_size) for img in load_images_or_fail(paths)]
+            t0 = budget.clock()
+            if missing:
+                crops = [random_view(images[n], np.random.default_rng([seed, int(keys[n][:12], 16), v]),
+                                     backend.image_size, crop_scale, flip) for n in missing]
+                feats = _forward_crops(backend, crops, batch_size, pooled)
+                for row, n in enumerate(missing):
+                    hits[n] = feats[row]
+                    store.put(f"{keys[n]}-{tag}-v{v}", feats[row])
+            out.append(torch.stack(hits))
+            bar.update(1)
+            if schedule.planned is None and missing:
+                schedule.plan(budget, budget.clock() - t0, done=v + 1, share=share)
+                plan_log.info("%s", schedule.line(done=v + 1))
+                bar.set_total(schedule.planned)
+            if schedule.planned is not None and v + 1 >= schedule.planned:
                 break
-            out[v, n] = hit
-    if missing:
-        images = load_images_or_fail([paths[n] for n in missing])
-        crops = []
-        for n, img in zip(missing, images):
-            rng = np.random.default_rng([seed, int(keys[n][:12], 16)])
-            crops.extend(random_view(img, rng, backend.image_size, crop_scale, flip) for _ in range(views))
-        feats, _, errors = encode_images(backend, crops, batch_size=batch_size, progress=progress)
-        feats = feats.float().cpu().view(len(missing), views, -1)
-        for row, n in enumerate(missing):
-            for v in range(views):
-                out[v, n] = feats[row, v]
-                store.put(f"{keys[n]}-{tag}-v{v}", feats[row, v])
-    logger.info("%d of %d image(s) had their %d augmented views cached", len(paths) - len(missing), len(paths), views)
-    return out
+    finally:
+        bar.close()
+    if schedule.planned is None:  # every view was cached
+        schedule.planned, schedule.seconds_per_unit, schedule.reason = len(out), 0.0, "all cached"
+    logger.info("%d augmented view(s) of %d image(s) (%s)", len(out), len(paths), schedule.reason)
+    return torch.stack(out) if out else torch.empty(0, len(paths), backend.embed_dim), schedule
+
+
+def shrink_image(img: Image.Image, side: int) -> Image.Image:
+    """Downscale so the short side is `side`: crops resized to the model's input lose nothing, and cost less."""
+    if min(img.size) <= side:
+        return img
+    scale = side / min(img.size)
+    return img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
 
 
 @dataclass
 class FeatureData:
-    """Everything a frozen-feature method fits on: cached features, targets and the zero-shot classifier."""
+    """Everything a frozen-feature method fits on: cached training features and the zero-shot classifier.
+
+    `val` / `val_targets` are empty when built by `build`: methods choose from the training images
+    only (cross-validation), and the validation images stay for the reported accuracy.
+    """
 
     train: torch.Tensor  # (N, D) normalised
     train_targets: torch.Tensor  # (N,) int64
@@ -182,15 +220,13 @@ class FeatureData:
         return self.text.shape[0]
 
     @classmethod
-    def build(
-        cls, backend: Backend, train: LabeledImages, val: LabeledImages, templates, progress: bool = False,
-        batch_size: int = 32,
-    ) -> FeatureData:
+    def build(cls, backend: Backend, train: LabeledImages, templates, progress: bool = False,
+              batch_size: int = 32) -> FeatureData:
         return cls(
             train=encode_items(backend, train.paths, progress=progress, batch_size=batch_size, what="training image"),
             train_targets=torch.tensor(train.targets, dtype=torch.long),
-            val=encode_items(backend, val.paths, progress=progress, batch_size=batch_size, what="validation image"),
-            val_targets=torch.tensor(val.targets, dtype=torch.long),
+            val=torch.empty(0, backend.embed_dim),
+            val_targets=torch.empty(0, dtype=torch.long),
             text=build_text_classifier(backend, train.classes, load_templates(templates)).float().cpu(),
             logit_scale=backend.logit_scale,
         )

@@ -5,8 +5,10 @@ classifier), so step 0 is already the probe and training only has to improve on 
 `probe_init=False` it starts as the zero-shot classifier. The practices of the transfer-learning
 playbook: discriminative learning rates (head highest, then each block lower than the one above it,
 the stem lowest), optional gradual unfreezing from the top down, augmentation (random resized crop,
-optional flip), weight decay, early stopping on validation, best checkpoint restored. The text tower
-stays frozen.
+optional flip), weight decay; early stopping on validation with the best checkpoint restored when asked
+for (`patience`, `keep_best`: it spends the validation images on choosing a step). 30 epochs by
+default, cut to the compute budget. The text tower stays frozen; batch-norm statistics (ResNet towers)
+stay the pretrained ones, since few-shot batches cannot estimate them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsclip.adapters._budget import Budget
+from fsclip.adapters._costs import Costs
 from fsclip.adapters._train import (
     ImageBatches,
     batched_features,
@@ -41,6 +45,7 @@ from fsclip.zeroshot import build_text_classifier
 __all__ = ["FineTuneAdapter", "FineTuneConfig", "param_groups"]
 
 logger = logging.getLogger(__name__)
+DEFAULT_EPOCHS = 30
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,6 @@ class FineTuneConfig(TrainingConfig):
     """
 
     lr: float = 1e-4
-    epochs: int | None = 30
-    patience: int = 5
     head_lr: float = 1e-3
     layer_decay: float = 0.7
     gradual_unfreeze: bool = False
@@ -91,7 +94,8 @@ def param_groups(head: nn.Module, units: list[tuple[str, dict[str, nn.Parameter]
     return groups
 
 
-def _initial_head(backend: Backend, train: LabeledImages, val: LabeledImages, config: FineTuneConfig) -> nn.Linear:
+def _initial_head(backend: Backend, train: LabeledImages, val: LabeledImages, config: FineTuneConfig,
+                  selection: dict) -> nn.Linear:
     """The classifier training starts from: a linear probe on the frozen features, or zero-shot.
 
     A head far from good (zero-shot on classes the model never saw is near chance) sends large
@@ -103,6 +107,7 @@ def _initial_head(backend: Backend, train: LabeledImages, val: LabeledImages, co
         from fsclip.adapters.linear_probe import LinearProbe, LinearProbeConfig
 
         probe = LinearProbe.fit(backend, train, val, LinearProbeConfig(templates=config.templates, seed=config.seed))
+        selection["probe C"] = probe.selection.get("C")
         weight, bias = probe.weight, probe.bias
     else:
         weight = backend.logit_scale * build_text_classifier(backend, train.classes, load_templates(config.templates))
@@ -118,6 +123,12 @@ class FineTuneAdapter(Adapter):
     """Base of `partial-ft` and `full-ft`: they differ only in how many blocks they train."""
 
     frozen_backbone = False
+
+    @classmethod
+    def default_seconds(cls, costs: Costs) -> float:
+        batch = min(cls.config_class.batch_size, costs.images)
+        steps = DEFAULT_EPOCHS * -(-costs.images // batch)
+        return costs.images * costs.image_seconds + steps * costs.train_step(batch, 0)
 
     def __init__(self, backend: Backend, classes: Sequence[str], config: FineTuneConfig, head: nn.Linear,
                  trained: list[str], base: BaseModel):
@@ -137,14 +148,16 @@ class FineTuneAdapter(Adapter):
 
     @classmethod
     def fit(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: FineTuneConfig,
-            progress: bool = False) -> FineTuneAdapter:
+            progress: bool = False, budget: Budget | None = None) -> FineTuneAdapter:
+        budget = budget or Budget(float("inf"))
         base = BaseModel.of(backend)
         own = trainable_copy(backend)
         parts = image_params(own)
         n_blocks = len(parts.blocks)
         k = cls.blocks_to_train(config, n_blocks)
         stem = cls.trains_stem(config, n_blocks)
-        head = _initial_head(backend, train, val, config).to(own.device)
+        selection: dict[str, Any] = {}
+        head = _initial_head(backend, train, val, config, selection).to(own.device)
 
         # units from the top down: projection head, last block, ..., first trained block, (stem)
         named_units = [("projection", parts.head),
@@ -170,25 +183,30 @@ class FineTuneAdapter(Adapter):
         def loss_fn(pixels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(head(own.forward_images(pixels)).float(), y)
 
-        val_pixels, val_y = preprocess_all(own, val, "validation image"), class_targets(val)
+        evaluate = None
+        if config.validates:  # opt-in: spends the validation images on choosing a step
+            val_pixels, val_y = preprocess_all(own, val, "validation image"), class_targets(val)
 
-        def evaluate() -> tuple[float, float]:
-            return score(head(batched_features(own, val_pixels)), val_y)
+            def evaluate() -> tuple[float, float]:
+                return score(head(batched_features(own, val_pixels)), val_y)
 
         batches = ImageBatches(own, train, config.batch_size, config.crop_scale, config.flip, config.seed)
-        steps = config.total_steps(len(train), 30 * len(batches))
+        schedule = config.schedule(f"{cls.name} training", len(batches), DEFAULT_EPOCHS * len(batches))
         opt = torch.optim.AdamW(groups, lr=config.lr)
-        result = run_training(params=trainable, optimizer=opt, batches=batches, loss_fn=loss_fn, evaluate=evaluate,
-                              model=own.model, total_steps=steps, eval_every=config.eval_every or len(batches),
-                              patience=config.patience, keep_best=config.keep_best,
-                              on_epoch=on_epoch if config.gradual_unfreeze else None,
+        result = run_training(params=trainable, optimizer=opt, batches=batches, loss_fn=loss_fn, schedule=schedule,
+                              budget=budget, model=own.model, evaluate=evaluate,
+                              eval_every=config.eval_every or len(batches), patience=config.patience,
+                              keep_best=config.keep_best, on_epoch=on_epoch if config.gradual_unfreeze else None,
                               desc=cls.name, progress=progress)
         for p in own.model.parameters():
             p.requires_grad_(False)
         own.__dict__.pop("fingerprint", None)
         head.requires_grad_(False)
         adapter = cls(own, train.classes, config, head, sorted(n for unit in units for n in unit), base)
-        adapter.train_result = {"best_step": result.best_step, "steps_run": result.steps, "total_steps": steps,
+        adapter.selection = selection
+        if evaluate is not None:
+            adapter.validation_uses.append("early stopping" if config.patience else "choosing the best step")
+        adapter.train_result = {"best_step": result.best_step, "steps_run": result.steps, "schedule": result.schedule,
                                 "blocks_trained": k, "blocks": n_blocks,
                                 "learning_rates": {g["name"]: g["initial_lr"] for g in groups}, "history": result.history}
         return adapter

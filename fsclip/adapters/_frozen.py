@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Sequence
 
+from fsclip.adapters._budget import Budget
 from fsclip.adapters._features import FeatureData
 from fsclip.adapters.base import Adapter
 from fsclip.adapters.config import AdapterConfig
@@ -15,15 +16,16 @@ __all__ = ["FeatureAdapter"]
 
 
 class FeatureAdapter(Adapter):
-    """Encodes train and validation images once (feature cache), then fits on the features alone."""
+    """Encodes the training images once (feature cache), then fits on the features alone."""
 
     frozen_backbone = True
 
     @classmethod
     def fit(
-        cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: AdapterConfig, progress: bool = False
+        cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: AdapterConfig, progress: bool = False,
+        budget: Budget | None = None,
     ) -> FeatureAdapter:
-        data = FeatureData.build(backend, train, val, config.templates, progress=progress)
+        data = FeatureData.build(backend, train, config.templates, progress=progress)
         return cls.fit_features(backend, train.classes, data, config)
 
     @classmethod

@@ -1,5 +1,6 @@
-"""What the methods that train the towers share: a private copy of the model, augmented batches, the
-optimisation loop with validation checks, early stopping and restoring the best weights."""
+"""What the methods that train share: a private copy of the model, augmented image batches or cached
+feature batches, and the one optimisation loop (sized by the compute budget; validation checks, early
+stopping and restoring the best weights only when asked for)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from fsclip.adapters._augment import random_view
-from fsclip.adapters._features import load_images_or_fail
+from fsclip.adapters._budget import Budget, Progress, Schedule, median_seconds, plan_log
+from fsclip.adapters._features import load_images_or_fail, shrink_image
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
 
 __all__ = [
+    "FeatureBatches",
     "ImageBatches",
     "ImageParams",
     "TrainResult",
@@ -139,7 +140,7 @@ class ImageBatches:
         self.backend = backend
         size = backend.image_size
         # decode once; shrink big photos (a crop keeps >= scale of the area, so 2x model size is enough)
-        self.images = [_shrink(img, 2 * size) for img in load_images_or_fail(data.paths)]
+        self.images = [shrink_image(img, 2 * size) for img in load_images_or_fail(data.paths)]
         self.targets = torch.tensor(data.targets, dtype=torch.long)
         self.batch_size = min(batch_size, len(self.images))
         self.crop_scale, self.flip = crop_scale, flip
@@ -164,93 +165,162 @@ class ImageBatches:
             self.epoch += 1
 
 
-def _shrink(img: Image.Image, side: int) -> Image.Image:
-    if min(img.size) <= side:
-        return img
-    scale = side / min(img.size)
-    return img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
-
-
 def score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
     """(accuracy, -NLL): compare as a tuple, larger is better; NLL breaks accuracy ties."""
     logits, targets = logits.float().cpu(), targets.cpu()
     return float((logits.argmax(-1) == targets).float().mean()), -float(F.cross_entropy(logits, targets))
 
 
+class FeatureBatches:
+    """Endless shuffled batches of cached features: (V, N, D) augmented views of N images.
+
+    `pool_views`: an epoch is one pass over all V x N features (CLAP's augmented set); otherwise
+    epoch e sees view e mod V of every image (new crops every epoch, as when augmenting on the fly).
+    """
+
+    def __init__(self, views: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int,
+                 pool_views: bool = False):
+        self.views, self.targets = views, targets
+        self.batch_size, self.pool_views = batch_size, pool_views
+        self.gen = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n = self.views.shape[0] * self.views.shape[1] if self.pool_views else self.views.shape[1]
+        return -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            if self.pool_views:
+                x, y = self.views.reshape(-1, self.views.shape[-1]), self.targets.repeat(self.views.shape[0])
+            else:
+                x, y = self.views[self.epoch % self.views.shape[0]], self.targets
+            for idx in torch.randperm(len(x), generator=self.gen).split(self.batch_size):
+                yield x[idx], y[idx]
+            self.epoch += 1
+
+
 @dataclass
 class TrainResult:
     best_step: int
-    best_score: tuple[float, float]
+    best_score: tuple[float, float] | None  # None: no validation checks (the default)
     steps: int
+    schedule: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+
+
+def _train_mode(model: nn.Module) -> None:
+    """Training mode (dropout, LoRA dropout on), except batch norm: its pretrained statistics are kept,
+    since few-shot batches cannot estimate them."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def run_training(
     *,
     params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
-    batches: ImageBatches,
+    batches: ImageBatches | FeatureBatches,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    evaluate: Callable[[], tuple[float, float]],
-    model: nn.Module,
-    total_steps: int,
+    schedule: Schedule,
+    budget: Budget,
+    model: nn.Module | None = None,
+    evaluate: Callable[[], tuple[float, float]] | None = None,
     eval_every: int = 0,
     patience: int = 0,
-    keep_best: bool = True,
+    keep_best: bool = False,
     warmup: int = 0,
+    warmup_lr: float | None = None,
     on_epoch: Callable[[int], None] | None = None,
     desc: str = "training",
     progress: bool = False,
+    measure: int = 3,
 ) -> TrainResult:
-    """Cosine-decayed training with validation every `eval_every` steps (and before the first).
+    """The one optimisation loop of every method that trains: cosine-decayed, sized by the budget.
 
-    With `keep_best`, the weights in `params` end as those of the best validation check, which may be
-    the starting point: a run that never beats its initialisation (e.g. zero-shot) changes nothing.
+    The first `measure` steps are timed; `schedule` then fixes the number of steps from the measured
+    step time and the budget left (or keeps the user's explicit count), and the plan is logged before
+    the rest runs. The learning rate warms up for `warmup` steps (linearly, or held at `warmup_lr`),
+    then follows a cosine to 0 at the planned end.
+
+    Validation checks run only when `evaluate` is given (early stopping is opt-in: it spends the
+    validation images on choosing a step). With `keep_best`, the weights end as those of the best
+    check, which may be the starting point.
     """
-    eval_every = eval_every or max(1, total_steps // 10)
+    total = {"steps": schedule.fixed or schedule.default}
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def factor(s: int, base: float) -> float:
+        if s < warmup:
+            return warmup_lr / base if warmup_lr is not None else (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total["steps"] - warmup)))
+
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) if s < warmup else
-        0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup))),
-    )
+        optimizer, [lambda s, b=b: factor(s, b) for b in base_lrs])
+    history: list[dict] = []
 
     def check(step: int) -> tuple[float, float]:
-        model.eval()
+        if model is not None:
+            model.eval()
         with torch.no_grad():
             result = evaluate()
-        result_dict = {"step": step, "val_accuracy": round(result[0], 4), "val_nll": round(-result[1], 4)}
-        history.append(result_dict)
+        history.append({"step": step, "val_accuracy": round(result[0], 4), "val_nll": round(-result[1], 4)})
         logger.info("%s: step %d, validation accuracy %.3f, NLL %.3f", desc, step, result[0], -result[1])
         return result
 
-    history: list[dict] = []
-    best = check(0)
-    best_step, best_state, stale = 0, {n: p.detach().clone() for n, p in params.items()}, 0
+    best = check(0) if evaluate is not None else None
+    best_step, stale = 0, 0
+    best_state = {n: p.detach().clone() for n, p in params.items()} if evaluate is not None and keep_best else None
+    every = eval_every or max(1, total["steps"] // 10)
     epoch = -1
     device = next(iter(params.values())).device
     it = iter(batches)
-    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=None if progress else True, leave=False)
-    step = 0
+    bar = Progress(total["steps"], desc, "step", progress, clock=budget.clock)
+    durations: list[float] = []
+    step, since = 0, (0, 0.0)
     try:
-        for step in range(1, total_steps + 1):
+        while step < total["steps"]:
+            step += 1
+            t0 = budget.clock()
             if on_epoch is not None and batches.epoch != epoch:
                 epoch = batches.epoch
                 on_epoch(epoch)
-            pixels, targets = next(it)
-            model.train()
+            inputs, targets = next(it)
+            if model is not None:
+                _train_mode(model)
             with autocast(device):
-                loss = loss_fn(pixels.to(device), targets.to(device))
+                loss = loss_fn(inputs.to(device), targets.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if step % eval_every == 0 or step == total_steps:
+            value = loss.item()  # also waits for the device, so the step timing is real
+            if schedule.planned is None:
+                durations.append(budget.clock() - t0)
+                if len(durations) >= min(measure, total["steps"]) or step >= total["steps"]:
+                    total["steps"] = schedule.plan(budget, median_seconds(durations), done=step)
+                    plan_log.info("%s", schedule.line(done=step))
+                    bar.set_total(total["steps"])
+                    every = eval_every or max(1, total["steps"] // 10)
+                    since = (step, budget.clock())
+            elif schedule.fixed is None and budget.limited and step - since[0] >= max(measure, total["steps"] // 4):
+                # re-plan on the steps run since: a shared machine's speed drifts, the budget does not
+                before = total["steps"]
+                total["steps"] = schedule.plan(budget, (budget.clock() - since[1]) / (step - since[0]), done=step)
+                since = (step, budget.clock())
+                if abs(total["steps"] - before) > 0.1 * before:
+                    plan_log.info("%s (re-planned at step %d)", schedule.line(done=step), step)
+                    bar.set_total(total["steps"])
+            bar.update(1, loss=value)
+            if evaluate is not None and (step % every == 0 or step == total["steps"]):
                 result = check(step)
                 if result > best:
                     best, best_step, stale = result, step, 0
-                    best_state = {n: p.detach().clone() for n, p in params.items()}
+                    if best_state is not None:
+                        best_state = {n: p.detach().clone() for n, p in params.items()}
                 else:
                     stale += 1
                     if patience and stale >= patience:
@@ -259,14 +329,15 @@ def run_training(
                         break
     finally:
         bar.close()
-        model.eval()
-    if not keep_best:  # the run always ends with a check, so the last one describes these weights
-        return TrainResult(step, (history[-1]["val_accuracy"], -history[-1]["val_nll"]), step, history)
+        if model is not None:
+            model.eval()
+    if best_state is None:
+        return TrainResult(step, best, step, schedule.to_dict(), history)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(best_state[n])
     logger.info("%s: kept the weights of step %d (validation accuracy %.3f)", desc, best_step, best[0])
-    return TrainResult(best_step, best, step, history)
+    return TrainResult(best_step, best, step, schedule.to_dict(), history)
 
 
 def batched_features(backend: Backend, pixels: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from fsclip._io import atomic_dir
 from fsclip._outputs import check_output
 from fsclip._version import __version__
+from fsclip.adapters._budget import Budget
+from fsclip.adapters._costs import Costs
 from fsclip.adapters._features import encode_items
 from fsclip.adapters.config import AdapterConfig
 from fsclip.backends import Backend
@@ -167,14 +169,45 @@ class Adapter(ABC):
         self.base = base or BaseModel.of(backend)
         self.temperature = 1.0
         self.metrics: dict[str, Any] = {}
+        # what fitting chose and from which data, e.g. {"C": 10.0, "chosen by": "5-fold cross-validation ..."}
+        self.selection: dict[str, Any] = {}
+        self.validation_uses: list[str] = []  # what `fit` spent the validation images on (e.g. early stopping)
 
     # -- fitting
     @classmethod
+    def needs_text(cls, config: AdapterConfig) -> bool:
+        """Whether fitting with `config` needs the model's text tower (class-name prompts)."""
+        return True
+
+    @classmethod
+    def unsupported(cls, backend: Backend) -> str | None:
+        """Why this method (with its default config) cannot run on `backend`, or None when it can."""
+        if cls.needs_text(cls.config_class()) and not getattr(backend, "has_text", True):
+            return f"needs a text tower, and {backend.spec!r} has none"
+        return None
+
+    @classmethod
+    def default_seconds(cls, costs: Costs) -> float:
+        """Estimated seconds of a fit with the default schedule (no budget cut): here, encoding the images."""
+        return costs.images * costs.image_seconds
+
+    @classmethod
+    def finish_seconds(cls, costs: Costs, val_images: int, prompts: int) -> float:
+        """Estimated seconds after training: encoding the validation images with an adapted image tower
+        (frozen-feature methods read them from the cache). `prompts`: class prompts of the zero-shot ensemble."""
+        return 0.0 if cls.frozen_backbone else val_images * costs.image_seconds
+
+    @classmethod
     @abstractmethod
     def fit(
-        cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: AdapterConfig, progress: bool = False
+        cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: AdapterConfig, progress: bool = False,
+        budget: Budget | None = None,
     ) -> Adapter:
-        """Fit on `train`, choosing hyper-parameters on `val`; never modifies `backend`."""
+        """Fit on `train` within `budget` (None: no limit); never modifies `backend`.
+
+        `val` is for reporting: a method may use it only where its config asks (early stopping) and
+        then records that in `validation_uses`.
+        """
 
     # -- prediction
     @abstractmethod
@@ -234,7 +267,7 @@ class Adapter(ABC):
             "base_model": dataclasses.asdict(self.base),
             "classes": list(self.classes),
             "config": self.config.to_dict(),
-            "state": {"temperature": self.temperature, **self.extra_state()},
+            "state": {"temperature": self.temperature, "selection": self.selection, **self.extra_state()},
         }
         tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in self.state_dict().items()}
@@ -291,6 +324,7 @@ class Adapter(ABC):
             raise AdapterError(f"{weights} is damaged: tensor(s) {', '.join(bad)} hold NaN or infinity")
         state = dict(header.get("state", {}))
         temperature = state.pop("temperature", 1.0)
+        selection = state.pop("selection", {})
         classes = header["classes"]
         try:
             adapter = cls.from_state(backend, classes, config, tensors, state, base)
@@ -305,6 +339,7 @@ class Adapter(ABC):
             raise AdapterError(f"{folder / CONFIG_FILE} lists {len(classes)} classes but {WEIGHTS_FILE} scores "
                                f"{probe.shape[-1]}; the class list was edited or the files are from different fits")
         adapter.temperature = temperature
+        adapter.selection = selection
         adapter.metrics = _read_metrics(folder / METRICS_FILE)
         return adapter
 

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from fsclip.adapters._budget import Schedule
 from fsclip.errors import UsageError
 
 __all__ = ["AdapterConfig", "TrainingConfig", "check_field"]
@@ -79,10 +80,13 @@ class TrainingConfig(AdapterConfig):
         weight_decay: AdamW weight decay.
         batch_size: images per optimisation step.
         epochs: passes over the training images; exclusive with `iters`.
-        iters: optimisation steps; when neither is set the method's default schedule applies.
+        iters: optimisation steps. When neither is set, the method's default schedule runs, cut to
+            what fits the compute budget; either one set wins over the budget.
         eval_every: steps between validation checks (0: ten checks over the run).
         patience: stop after this many checks without a better validation score (0: never stop early).
         keep_best: end with the weights of the best validation check (else those of the last step).
+            Validation checks run only with `keep_best` or `patience`: they spend the validation
+            images on choosing a step, and the accuracy reported on them is then optimistic.
         crop_scale: smallest area fraction of the random resized crop (1.0 disables cropping).
         flip: random horizontal flips (turn off where mirror images mean something else).
     """
@@ -94,7 +98,7 @@ class TrainingConfig(AdapterConfig):
     iters: int | None = None
     eval_every: int = 0
     patience: int = 0
-    keep_best: bool = True
+    keep_best: bool = False
     crop_scale: float = 0.5
     flip: bool = True
 
@@ -115,6 +119,11 @@ class TrainingConfig(AdapterConfig):
         check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
         check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
 
+    @property
+    def validates(self) -> bool:
+        """Whether training checks the validation images (early stopping or keeping the best step)."""
+        return self.keep_best or self.patience > 0
+
     def with_options(self, **overrides: Any) -> TrainingConfig:
         """As `AdapterConfig.with_options`; `epochs` and `iters` replace each other (both give the length)."""
         if overrides.get("iters") is not None and "epochs" not in overrides:
@@ -123,10 +132,8 @@ class TrainingConfig(AdapterConfig):
             overrides["iters"] = None
         return super().with_options(**overrides)
 
-    def total_steps(self, n_images: int, default: int) -> int:
-        """Steps to run: `iters`, else `epochs` passes over `n_images`, else the method's `default`."""
-        if self.iters is not None:
-            return self.iters
-        if self.epochs is not None:
-            return self.epochs * -(-n_images // self.batch_size)
-        return default
+    def schedule(self, what: str, steps_per_epoch: int, default: int) -> Schedule:
+        """Training steps: `iters`, else `epochs` passes, else the method's `default`, cut by the budget."""
+        fixed = self.iters if self.iters is not None else (
+            self.epochs * steps_per_epoch if self.epochs is not None else None)
+        return Schedule(what, "step", default=default, fixed=fixed)

@@ -1,16 +1,19 @@
-"""Linear probe: multinomial logistic regression on frozen image features, anchored on zero-shot.
+"""Linear probe: multinomial logistic regression on frozen image features, regularised toward zero-shot.
 
-The CLIP paper's linear probe sweeps the inverse regularisation strength C on validation. Here the L2
-penalty pulls the weights towards the zero-shot text classifier instead of towards 0 (the weights also
-start there), in the spirit of LP++'s text-initialised blend: C -> 0 is exactly zero-shot, C -> inf a
-free probe, and zero-shot itself is one of the candidates, so the validation-chosen probe is never
-worse than zero-shot on validation, also at 1 shot. `zero_shot_prior=False` gives the plain CLIP-paper
-probe (weights from zero, pulled towards zero).
+The CLIP paper's linear probe sweeps the inverse L2 strength C. Here the L2 penalty pulls the weights
+toward the zero-shot text classifier instead of toward 0 (and they start there): C -> 0 is exactly
+zero-shot, C -> inf a free probe. C is chosen by stratified cross-validation on the training images
+(zero-shot itself is a candidate): the strongest regularisation within one standard error of the best
+cross-validated accuracy (Breiman's rule: with a few images per fold a small lead is noise), never on
+the validation images, which stay for the reported accuracy. Prediction is the probe alone. This is not LP++ (Huang et al., 2024), which blends text
+logits with learned class-wise weights; for a probe constrained to the zero-shot prototypes without
+any search, see `clap`. `zero_shot_prior=False` gives the plain CLIP-paper probe (from and toward 0).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fsclip.adapters._crossval import cross_validate, fold_count, one_standard_error, stratified_folds
 from fsclip.adapters._features import FeatureData
 from fsclip.adapters._frozen import FeatureAdapter
 from fsclip.adapters.base import BaseModel
@@ -36,23 +40,27 @@ class LinearProbeConfig(AdapterConfig):
 
     Attributes:
         zero_shot_prior: start from and regularise towards the zero-shot classifier (else towards 0).
-        c_grid: inverse L2 strengths tried on validation (sklearn's C: loss = C * sum(CE) + |W - prior|^2 / 2);
-            the best one is then refined by half-decade steps, as in the CLIP paper's search.
+        c_grid: inverse L2 strengths tried (sklearn's C: loss = C * sum(CE) + |W - prior|^2 / 2); the best
+            by cross-validation is then refined by half-decade steps, as in the CLIP paper's search. Empty
+            (with `zero_shot_prior`): the probe is the zero-shot classifier itself.
         max_iter: L-BFGS iterations per fit (each fit warm-starts from the previous, stronger C).
+        folds: cross-validation folds on the training images, at most (fewer with fewer images per class).
     """
 
     zero_shot_prior: bool = True
     c_grid: tuple[float, ...] = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
     max_iter: int = 50
+    folds: int = 5
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.c_grid, list):
             object.__setattr__(self, "c_grid", tuple(self.c_grid))
         check_field(isinstance(self.zero_shot_prior, bool), "zero_shot_prior", self.zero_shot_prior, "true or false")
-        check_field(len(self.c_grid) > 0 and all(c > 0 for c in self.c_grid), "c_grid", self.c_grid,
-                    "a non-empty list of values > 0")
+        check_field((len(self.c_grid) > 0 or self.zero_shot_prior) and all(c > 0 for c in self.c_grid), "c_grid",
+                    self.c_grid, "a list of values > 0, non-empty without the zero-shot prior")
         check_field(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", self.max_iter, ">= 1")
+        check_field(isinstance(self.folds, int) and self.folds >= 2, "folds", self.folds, "an integer >= 2")
 
 
 def fit_logistic(
@@ -91,7 +99,7 @@ def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
 
 
 class LinearProbe(FeatureAdapter):
-    """Logistic regression on frozen features; `weight` and `bias` act in logit space."""
+    """Logistic regression on frozen features, C by cross-validation; `weight` and `bias` act in logit space."""
 
     name = "linear-probe"
     config_class = LinearProbeConfig
@@ -101,8 +109,11 @@ class LinearProbe(FeatureAdapter):
         super().__init__(backend, classes, config, base)
         self.weight = weight  # (C, D), logit scale folded in
         self.bias = bias  # (C,)
-        self.c = c  # the selected C; None: zero-shot won on validation
-        self.search: dict[str, float] = {}  # validation accuracy per C tried
+        self.c = c  # the selected C; None: zero-shot won the cross-validation
+
+    @classmethod
+    def needs_text(cls, config: LinearProbeConfig) -> bool:
+        return config.zero_shot_prior
 
     @classmethod
     @torch.no_grad()
@@ -112,30 +123,43 @@ class LinearProbe(FeatureAdapter):
         n_cls, dim = data.text.shape
         prior = data.text if config.zero_shot_prior else torch.zeros(n_cls, dim)
         zero_b = torch.zeros(n_cls)
-        results: dict[float | None, tuple[tuple[float, float], torch.Tensor, torch.Tensor]] = {}
-        if config.zero_shot_prior:
-            results[None] = (_score(s * data.val @ prior.T, data.val_targets), prior, zero_b)
+        shots = int(torch.bincount(y, minlength=n_cls).min())
+        folds = stratified_folds(y, fold_count(shots, config.folds), config.seed)
+        warm: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per fold: the last solution, to start from
 
-        def run(c: float, init) -> tuple[torch.Tensor, torch.Tensor]:
+        def score(c: float | None, fold: int, tr: torch.Tensor, ho: torch.Tensor) -> tuple[float, float]:
+            if c is None:
+                return _score(s * x[ho] @ prior.T, y[ho])
             with torch.enable_grad():
-                w, b = fit_logistic(x, y, prior, s, c, init, config.max_iter)
-            results[c] = (_score(s * data.val @ w.T + b, data.val_targets), w, b)
-            return w, b
+                w, b = fit_logistic(x[tr], y[tr], prior, s, c, warm.get(fold, (prior, zero_b)), config.max_iter)
+            warm[fold] = (w, b)
+            return _score(s * x[ho] @ w.T + b, y[ho])
 
-        state = (prior, zero_b)
-        for c in sorted(config.c_grid):  # strong -> weak regularisation, each warm-started
-            state = run(c, state)
-        grid = sorted(config.c_grid)
-        best = max(results, key=lambda k: results[k][0])
-        if best is not None:  # refine around the best C: half a decade either side
-            for c in (best / 10**0.5, best * 10**0.5):
-                if c not in results and grid[0] / 10 <= c <= grid[-1] * 10:
-                    run(c, (results[best][1], results[best][2]))
-            best = max(results, key=lambda k: results[k][0])
-        (acc, _), w, b = results[best]
-        logger.info("linear probe: C=%s chosen on validation (accuracy %.3f)", best, acc)
+        grid = sorted(config.c_grid)  # strong -> weak regularisation, each warm-started from the last
+        candidates = ([None] if config.zero_shot_prior else []) + grid
+        if grid:
+            top, means, per_fold = cross_validate(len(y), folds, candidates, score)
+            best = one_standard_error(candidates, per_fold)  # the strongest C (zero-shot first) within 1 SE
+        else:
+            top = best = None
+            means = {None: (math.nan,)}
+        if best is not None and best == top:  # refine around the best C: half a decade either side
+            near = [c for c in (best / 10**0.5, best * 10**0.5) if grid[0] / 10 <= c <= grid[-1] * 10]
+            warm.clear()
+            best2, more, _ = cross_validate(len(y), folds, [best, *near], score)
+            means.update(more)
+            best = best2
+        if best is None:
+            w, b = prior, zero_b
+        else:
+            with torch.enable_grad():
+                w, b = fit_logistic(x, y, prior, s, best, (prior, zero_b), config.max_iter)
+        chosen_by = f"{len(folds)}-fold cross-validation on the training images" if grid else "no C to choose"
+        logger.info("linear probe: C=%s chosen by %s (accuracy %.3f)", best, chosen_by, means[best][0])
         adapter = cls(backend, classes, config, s * w, b, best)
-        adapter.search = {("zero-shot" if k is None else f"{k:g}"): round(v[0][0], 4) for k, v in results.items()}
+        adapter.selection = {"C": "zero-shot" if best is None else best, "chosen by": chosen_by,
+                             "cross-validation accuracy": {("zero-shot" if k is None else f"{k:g}"): round(v[0], 4)
+                                                           for k, v in means.items()}}
         return adapter
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -145,13 +169,11 @@ class LinearProbe(FeatureAdapter):
         return {"weight": self.weight, "bias": self.bias}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"C": self.c, "val_accuracy_by_C": self.search}
+        return {"C": self.c}
 
     @classmethod
     def from_state(cls, backend, classes, config, tensors, extra, base) -> LinearProbe:
-        adapter = cls(backend, classes, config, tensors["weight"], tensors["bias"], extra.get("C"), base)
-        adapter.search = extra.get("val_accuracy_by_C", {})
-        return adapter
+        return cls(backend, classes, config, tensors["weight"], tensors["bias"], extra.get("C"), base)
 
 
 register_adapter(LinearProbe)

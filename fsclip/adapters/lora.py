@@ -1,25 +1,26 @@
 """LoRA in the attention of both encoders, via PEFT (the CLIP-LoRA recipe, Zanella & Ben Ayed, 2024).
 
-Low-rank updates (rank 2, alpha 1, dropout 0.25) on the query/key/value projections of every
-attention layer of the image and text towers, trained with AdamW (lr 2e-4, cosine) on cross-entropy
-between image features and the class-prompt text embeddings times the model's logit scale, for 500
-iterations per shot at batch 32. Each step encodes the class names with one prompt template drawn at
+Separate low-rank updates (rank 2, alpha 1, dropout 0.25 on their input) of the query, key and value
+projections (not the output projection) of every attention layer in the blocks of the image and text
+towers, trained with AdamW (lr 2e-4, cosine) on cross-entropy between image features and the
+class-prompt text embeddings times the model's logit scale, for 500 iterations per shot at batch 32
+(cut to the compute budget). Each step encodes the class names with one prompt template drawn at
 random; prediction uses the average over all templates (the zero-shot ensemble).
 
-open_clip towers use a fused `nn.MultiheadAttention`, which PEFT adapts as a whole: one rank-r update
-of the fused q/k/v projection plus one of the output projection, applied by merging weights around the
-forward call (so LoRA dropout has no effect there). transformers CLIP gets q_proj, k_proj and v_proj.
+open_clip fuses q, k and v into one `nn.MultiheadAttention` weight; the adapted copy gets split q, k, v
+projections first (`Backend.split_attention`, numerically identical), so PEFT wraps each as a
+`nn.Linear`, as it does transformers CLIP's q_proj, k_proj and v_proj. An image tower without
+attention blocks (open_clip's ModifiedResNet: RN50, ...) is refused unless `towers="text"`.
 
-Only the LoRA weights are saved; `merge` writes a standalone model folder with them folded in.
+Only the LoRA weights are saved; `merge` writes a standalone model folder with them folded in (fused
+back into the library's own attention layout).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ import peft
 import torch
 import torch.nn.functional as F
 
+from fsclip.adapters._budget import Budget
+from fsclip.adapters._costs import Costs
 from fsclip.adapters._export import write_model_folder
 from fsclip.adapters._train import (
     ImageBatches,
@@ -63,9 +66,10 @@ class LoraAdapterConfig(TrainingConfig):
     Attributes:
         rank: LoRA rank r.
         alpha: LoRA scaling numerator (the update is scaled by alpha / rank).
-        dropout: dropout on the LoRA input (q/k/v projections; no effect on fused attention).
+        dropout: dropout on the input of each low-rank update.
         towers: which encoders get LoRA: both, image or text.
-        iters_per_shot: default schedule length, in steps per training image of the smallest class.
+        iters_per_shot: default schedule length, in steps per training image of the smallest class (cut
+            to the compute budget unless `iters` or `epochs` is set).
     """
 
     rank: int = 2
@@ -85,16 +89,20 @@ class LoraAdapterConfig(TrainingConfig):
 
 
 def _target_modules(backend: Backend, towers: str) -> list[str]:
-    """Full names of the attention modules to adapt, in the chosen towers."""
+    """Full names of the q, k, v projections to adapt: inside the image tower's blocks and the text tower."""
     suffixes = tuple(backend.attention_target_modules())
-    chosen = {"both": (backend.image_tower, backend.text_tower), "image": (backend.image_tower,),
-              "text": (backend.text_tower,)}[towers]
-    inside = {id(m) for tower in chosen for m in tower.modules()}
-    names = [n for n, m in backend.model.named_modules()
-             if id(m) in inside and n.rsplit(".", 1)[-1] in suffixes]
-    if not names:
-        raise AdapterError(f"no attention modules named {', '.join(suffixes)} in the {towers} tower(s) of "
-                           f"{backend.spec!r}; LoRA cannot be applied")
+    scopes = {"image": backend.image_blocks, "text": lambda: [backend.text_tower]}
+    names = []
+    for tower in ("image", "text") if towers == "both" else (towers,):
+        inside = {id(m) for scope in scopes[tower]() for m in scope.modules()}
+        found = [n for n, m in backend.model.named_modules()
+                 if id(m) in inside and n.rsplit(".", 1)[-1] in suffixes and isinstance(m, torch.nn.Linear)]
+        if not found:
+            kind = type(backend.image_tower if tower == "image" else backend.text_tower).__name__
+            hint = "; use towers='text', or another method (clap, partial-ft)" if tower == "image" else ""
+            raise AdapterError(f"lora: the {tower} tower of {backend.spec!r} ({kind}) has no attention blocks "
+                               f"with q, k, v projections{hint}")
+        names += found
     return names
 
 
@@ -108,20 +116,36 @@ def _inject(backend: Backend, config: LoraAdapterConfig, targets: list[str]) -> 
         raise AdapterError(f"cannot add LoRA to {backend.spec!r}: {str(e).splitlines()[0]}") from None
 
 
-@contextlib.contextmanager
-def _merging():
-    with warnings.catch_warnings():
-        # PEFT merges a fused attention's out_proj together with it, then warns on reaching out_proj itself
-        warnings.filterwarnings("ignore", "All adapters are already merged", UserWarning)
-        yield
-
-
 class LoraAdapter(Adapter):
     """CLIP with LoRA in both towers; classifies with its own class-prompt embeddings."""
 
     name = "lora"
     config_class = LoraAdapterConfig
     frozen_backbone = False
+
+    @classmethod
+    def unsupported(cls, backend: Backend) -> str | None:
+        try:
+            blocks = backend.image_blocks()
+        except AdapterError as e:
+            return str(e)
+        suffixes = tuple(backend.attention_target_modules())
+        if not any(isinstance(m, torch.nn.MultiheadAttention) or n.rsplit(".", 1)[-1] in suffixes
+                   for b in blocks for n, m in b.named_modules()):
+            return (f"needs q, k, v projections in the image tower's attention blocks, and {backend.spec!r}'s "
+                    f"({type(backend.image_tower).__name__}) has none it can adapt")
+        return super().unsupported(backend)
+
+    @classmethod
+    def finish_seconds(cls, costs: Costs, val_images: int, prompts: int) -> float:
+        # a fresh copy of the model rebuilt from the LoRA weights re-encodes every class prompt
+        return val_images * costs.image_seconds + prompts * costs.text_seconds
+
+    @classmethod
+    def default_seconds(cls, costs: Costs) -> float:
+        config = LoraAdapterConfig()
+        steps = config.iters_per_shot * costs.shots
+        return steps * costs.train_step(min(config.batch_size, costs.images), costs.classes)
 
     def __init__(self, backend: Backend, classes: Sequence[str], config: LoraAdapterConfig,
                  peft_model: peft.PeftModel, text: torch.Tensor, targets: list[str], base: BaseModel):
@@ -133,13 +157,15 @@ class LoraAdapter(Adapter):
 
     @classmethod
     def fit(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: LoraAdapterConfig,
-            progress: bool = False) -> LoraAdapter:
+            progress: bool = False, budget: Budget | None = None) -> LoraAdapter:
+        budget = budget or Budget(float("inf"))
         base = BaseModel.of(backend)
         own = trainable_copy(backend)
+        own.split_attention()
         targets = _target_modules(own, config.towers)
         peft_model = _inject(own, config, targets)
         n_lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        logger.info("lora: %d attention modules, %d trainable parameters", len(targets), n_lora)
+        logger.info("lora: %d projections (q, k, v), %d trainable parameters", len(targets), n_lora)
         scale = backend.logit_scale
         templates = load_templates(config.templates)
         device = own.device
@@ -163,26 +189,30 @@ class LoraAdapter(Adapter):
             logits = scale * own.forward_images(pixels) @ class_embeddings().T  # (B, D) @ (D, C) -> (B, C)
             return F.cross_entropy(logits.float(), y)
 
-        val_pixels, val_y = preprocess_all(own, val, "validation image"), class_targets(val)
+        evaluate = None
+        if config.validates:  # opt-in early stopping: spends the validation images on choosing a step
+            val_pixels, val_y = preprocess_all(own, val, "validation image"), class_targets(val)
 
-        def evaluate() -> tuple[float, float]:
-            return score(scale * batched_features(own, val_pixels) @ ensemble().T, val_y)
+            def evaluate() -> tuple[float, float]:
+                return score(scale * batched_features(own, val_pixels) @ ensemble().T, val_y)
 
         batches = ImageBatches(own, train, config.batch_size, config.crop_scale, config.flip, config.seed)
-        steps = config.total_steps(len(train), config.iters_per_shot * shots_per_class(train))
+        schedule = config.schedule("lora training", len(batches), config.iters_per_shot * shots_per_class(train))
         params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
         opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999))
-        result = run_training(params=params, optimizer=opt, batches=batches, loss_fn=loss_fn, evaluate=evaluate,
-                              model=own.model, total_steps=steps, eval_every=config.eval_every,
+        result = run_training(params=params, optimizer=opt, batches=batches, loss_fn=loss_fn, schedule=schedule,
+                              budget=budget, model=own.model, evaluate=evaluate, eval_every=config.eval_every,
                               patience=config.patience, keep_best=config.keep_best, desc="lora", progress=progress)
-        # Rebuild from the LoRA weights on a fresh copy, exactly as `load` will: training merged and unmerged
-        # the update around every forward, which leaves rounding noise in the base weights.
+        # Rebuild from the LoRA weights on a fresh copy, exactly as `load` will: merging folds the update
+        # into the base weights, and a fresh copy keeps the saved weights the only source of truth.
         lora = {f"lora.{k}": v.detach().clone() for k, v in peft.get_peft_model_state_dict(peft_model).items()}
         fresh = cls.from_state(backend, train.classes, config, lora, {"target_modules": targets}, base)
         text = scale * build_text_classifier(fresh.backend, train.classes, templates, use_cache=False).float()
         fresh.text = text
-        fresh.train_result = {"best_step": result.best_step, "steps_run": result.steps, "total_steps": steps,
+        fresh.train_result = {"best_step": result.best_step, "steps_run": result.steps, "schedule": result.schedule,
                               "history": result.history}
+        if evaluate is not None:
+            fresh.validation_uses.append("early stopping" if config.patience else "choosing the best step")
         return fresh
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -198,14 +228,14 @@ class LoraAdapter(Adapter):
     @classmethod
     def from_state(cls, backend, classes, config, tensors, extra, base) -> LoraAdapter:
         own = trainable_copy(backend)
+        own.split_attention()
         peft_model = _inject(own, config, list(extra["target_modules"]))
         lora = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
         loaded = peft.set_peft_model_state_dict(peft_model, lora)
         unexpected = getattr(loaded, "unexpected_keys", [])
         if unexpected:
             raise AdapterError(f"LoRA weights do not fit {backend.spec!r}: unexpected {unexpected[:3]}")
-        with _merging():
-            peft_model.merge_adapter()  # fold the update into the weights: plain-speed inference
+        peft_model.merge_adapter()  # fold the update into the weights: plain-speed inference
         own.__dict__.pop("fingerprint", None)
         text = tensors.get("text")  # absent only while `fit` rebuilds the model
         adapter = cls(own, classes, config, peft_model, text, list(extra["target_modules"]), base)
@@ -218,8 +248,8 @@ class LoraAdapter(Adapter):
         Zero-shot classification with that model, the same class names and templates gives this
         adapter's logits (before calibration).
         """
-        with _merging():
-            merged = copy.deepcopy(self.peft_model).merge_and_unload()
+        # the weights are merged already (`from_state`): unloading keeps them and drops the LoRA layers
+        merged = self.backend.fuse_attention(copy.deepcopy(self.peft_model).unload())
         note = {"merged_from": self.base.spec, "base_fingerprint": self.base.fingerprint, "adapter": self.name,
                 "classes": list(self.classes), "templates": self.config.to_dict()["templates"]}
         out = write_model_folder(self.backend, merged, path, note, overwrite=overwrite)

@@ -2,9 +2,15 @@
 
     logits = s * f W_text^T + alpha * exp(-beta * (1 - f K^T)) L
 
-with K the training features (keys), L their one-hot labels (values), s the model's logit scale.
-alpha (how much to trust the cache) and beta (how sharp the affinity is) are searched on validation;
-alpha = 0 is plain zero-shot and always a candidate.
+with K the cache keys, L their one-hot labels (values), s the model's logit scale. As in the paper, a
+key is the average feature of `views` random augmented views of a training image (10 random-crop
+epochs), computed once and cached; the views are cut to fit the compute budget.
+
+alpha (how much to trust the cache) and beta (how sharp the affinity is) are chosen by stratified
+cross-validation on the training images (a held-out image's own key leaves the cache), never on the
+validation images; alpha = 0 is plain zero-shot and always a candidate. With one image per class there
+is nothing to cross-validate (holding out an image empties its class's cache), so the reference
+implementation's starting values alpha = 1, beta = 1 apply.
 """
 
 from __future__ import annotations
@@ -12,11 +18,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from fsclip.adapters._budget import Budget, Schedule
+from fsclip.adapters._costs import Costs
+from fsclip.adapters._crossval import cross_validate, fold_count, stratified_folds
 from fsclip.adapters._features import FeatureData, encode_views
 from fsclip.adapters._frozen import FeatureAdapter
 from fsclip.adapters.base import BaseModel
@@ -25,9 +34,10 @@ from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
 
-__all__ = ["TipAdapter", "TipAdapterConfig", "cache_keys", "cache_logits", "search_alpha_beta"]
+__all__ = ["TipAdapter", "TipAdapterConfig", "cache_keys", "cache_logits", "cross_validate_alpha_beta"]
 
 logger = logging.getLogger(__name__)
+DEFAULT_ALPHA, DEFAULT_BETA = 1.0, 1.0  # the reference implementation's starting values
 
 
 @dataclass(frozen=True)
@@ -35,20 +45,22 @@ class TipAdapterConfig(AdapterConfig):
     """Options of Tip-Adapter.
 
     Attributes:
-        alpha_grid: cache weights tried on validation (in logits; the paper's values for a logit scale of 100).
-        beta_grid: affinity sharpness values tried on validation.
-        views: augmented views (random resized crop, flip) per training image whose features, averaged
-            with the clean one, make the cache keys, as the paper builds its cache; 0: clean features only.
-            Views are encoded once and cached.
+        alpha_grid: cache weights tried by cross-validation (in logits; for a logit scale of 100, as the paper's).
+        beta_grid: affinity sharpness values tried by cross-validation.
+        views: augmented views (random resized crop, flip) per training image whose features, averaged,
+            make the cache keys (the paper's 10 augmentation epochs); 0: the clean features. None: 10,
+            cut to the compute budget. Views are encoded once and cached.
         crop_scale: smallest area fraction of the random resized crop.
         flip: random horizontal flips in the views.
+        folds: cross-validation folds on the training images, at most.
     """
 
     alpha_grid: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0)
     beta_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 5.5, 7.0, 9.0, 12.0, 16.0, 20.0, 25.0)
-    views: int = 0
+    views: int | None = None
     crop_scale: float = 0.5
     flip: bool = True
+    folds: int = 5
 
     def __post_init__(self):
         super().__post_init__()
@@ -58,16 +70,18 @@ class TipAdapterConfig(AdapterConfig):
                 object.__setattr__(self, name, tuple(value))
                 value = tuple(value)
             check_field(len(value) > 0 and all(v >= 0 for v in value), name, value, "a non-empty list of values >= 0")
-        check_field(isinstance(self.views, int) and self.views >= 0, "views", self.views, "an integer >= 0")
+        check_field(self.views is None or (isinstance(self.views, int) and self.views >= 0), "views", self.views,
+                    "an integer >= 0 or None")
+        check_field(isinstance(self.folds, int) and self.folds >= 2, "folds", self.folds, "an integer >= 2")
         check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
         check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
 
 
 def cache_keys(features: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
-    """(N, D) keys: each training image's clean feature averaged with its (V, N, D) views, renormalised."""
+    """(N, D) keys: each training image's (V, N, D) augmented views averaged and renormalised (clean without)."""
     if views is None or not len(views):
         return features.clone()
-    return torch.nn.functional.normalize(torch.cat([features[None], views]).mean(0), dim=-1)
+    return F.normalize(views.mean(0), dim=-1)
 
 
 def cache_logits(features: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, beta: float,
@@ -78,33 +92,45 @@ def cache_logits(features: torch.Tensor, keys: torch.Tensor, labels: torch.Tenso
 
 
 @torch.no_grad()
-def search_alpha_beta(
-    zero_shot: torch.Tensor, features: torch.Tensor, targets: torch.Tensor, keys: torch.Tensor,
-    labels: torch.Tensor, alphas: Sequence[float], betas: Sequence[float],
-) -> tuple[float, float, float]:
-    """Best (alpha, beta, accuracy) on validation; ties go to the lower validation NLL."""
-    num_classes = zero_shot.shape[1]
-    cos = features @ keys.T  # (M, K), shared by every beta
-    best = (-1.0, 0.0, 0.0, 0.0)  # accuracy, -nll, alpha, beta
-    for n, beta in enumerate(betas):
-        affinity = torch.exp(-beta * (1.0 - cos))
-        cached = affinity.new_zeros(len(features), num_classes).index_add_(1, labels, affinity)
-        for alpha in alphas:
-            if alpha == 0 and n > 0:
-                continue  # zero-shot does not depend on beta
-            logits = zero_shot + alpha * cached
-            acc = float((logits.argmax(-1) == targets).float().mean())
-            cand = (acc, -float(F.cross_entropy(logits, targets)), alpha, beta)
-            if cand[:2] > best[:2]:
-                best = cand
-    return best[2], best[3], best[0]
+def cross_validate_alpha_beta(
+    text: torch.Tensor, features: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
+    alphas: Sequence[float], betas: Sequence[float], folds: int, seed: int,
+) -> tuple[float, float, dict[str, Any]]:
+    """(alpha, beta, what chose them): by cross-validation on the training images, or the defaults at 1 shot.
+
+    `features` are the clean training features (queries), `keys` the cache keys of the same images;
+    in each fold the held-out images are scored against the cache of the others.
+    """
+    n_cls = text.shape[0]
+    shots = int(torch.bincount(labels, minlength=n_cls).min())
+    if shots < 2:
+        return DEFAULT_ALPHA, DEFAULT_BETA, {"chosen by": "defaults (one image per class: nothing to cross-validate)"}
+    held_out = stratified_folds(labels, fold_count(shots, folds), seed)
+    zero_shot = features @ text.T  # (N, C), logit scale folded into text
+    cos = features @ keys.T  # (N, N)
+    cands = [(0.0, betas[0])] + [(a, b) for b in betas for a in alphas if a > 0]  # zero-shot first: ties keep it
+
+    def score(cand, fold, tr, ho) -> tuple[float, float]:
+        alpha, beta = cand
+        cached = torch.exp(-beta * (1.0 - cos[ho][:, tr]))  # (H, T)
+        logits = zero_shot[ho] + alpha * cached.new_zeros(len(ho), n_cls).index_add_(1, labels[tr], cached)
+        return float((logits.argmax(-1) == labels[ho]).float().mean()), -float(F.cross_entropy(logits, labels[ho]))
+
+    (alpha, beta), means, _ = cross_validate(len(labels), held_out, cands, score)
+    return alpha, beta, {"chosen by": f"{len(held_out)}-fold cross-validation on the training images",
+                         "cross-validation accuracy": round(means[(alpha, beta)][0], 4)}
 
 
 class TipAdapter(FeatureAdapter):
-    """Zero-shot logits plus a cache of the training features, blended with (alpha, beta) from validation."""
+    """Zero-shot logits plus a cache of the training features, blended with cross-validated (alpha, beta)."""
 
     name = "tip-adapter"
     config_class = TipAdapterConfig
+    default_views: ClassVar[int] = 10  # the paper's augmentation epochs for the cache
+
+    @classmethod
+    def default_seconds(cls, costs: Costs) -> float:
+        return (1 + cls.default_views) * costs.images * costs.image_seconds
 
     def __init__(self, backend, classes, config, text: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor,
                  alpha: float, beta: float, base: BaseModel | None = None):
@@ -117,22 +143,39 @@ class TipAdapter(FeatureAdapter):
 
     @classmethod
     def fit(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: TipAdapterConfig,
-            progress: bool = False) -> TipAdapter:
-        data = FeatureData.build(backend, train, val, config.templates, progress=progress)
-        views = encode_views(backend, train.paths, config.views, config.crop_scale, config.flip, config.seed,
-                             progress=progress) if config.views else None
-        return cls.fit_features(backend, train.classes, data, config, views)
+            progress: bool = False, budget: Budget | None = None) -> TipAdapter:
+        data = FeatureData.build(backend, train, config.templates, progress=progress)
+        views, schedule = cls.encode_views(backend, train, config, budget, progress)
+        adapter = cls.fit_features(backend, train.classes, data, config, views, budget=budget, progress=progress)
+        adapter.selection["views"] = schedule.to_dict()
+        return adapter
+
+    @classmethod
+    def encode_views(cls, backend: Backend, train: LabeledImages, config: TipAdapterConfig, budget: Budget | None,
+                     progress: bool, share: float = 1.0) -> tuple[torch.Tensor | None, Schedule]:
+        """The augmented views the cache (and training) use: `config.views`, or the default cut by the budget."""
+        fixed = config.views is not None
+        views = config.views if fixed else cls.default_views
+        if views == 0:
+            return None, Schedule("cache views", "view", default=0, fixed=0, planned=0, reason="as given")
+        feats, schedule = encode_views(backend, train.paths, views, config.crop_scale, config.flip, config.seed,
+                                       progress=progress, budget=budget, fixed=fixed, share=share,
+                                       what=f"{cls.name} views")
+        return feats, schedule
 
     @classmethod
     def fit_features(cls, backend: Backend, classes: Sequence[str], data: FeatureData, config: TipAdapterConfig,
-                     views: torch.Tensor | None = None) -> TipAdapter:
+                     views: torch.Tensor | None = None, budget: Budget | None = None,
+                     progress: bool = False) -> TipAdapter:
         """`views`: (V, N, D) augmented features of the N training images (None: clean features only)."""
         text = data.logit_scale * data.text
         keys = cache_keys(data.train, views)
-        alpha, beta, acc = search_alpha_beta(data.val @ text.T, data.val, data.val_targets, keys,
-                                             data.train_targets, config.alpha_grid, config.beta_grid)
-        logger.info("%s: alpha=%g beta=%g chosen on validation (accuracy %.3f)", cls.name, alpha, beta, acc)
-        return cls(backend, classes, config, text, keys, data.train_targets.clone(), alpha, beta)
+        alpha, beta, how = cross_validate_alpha_beta(text, data.train, keys, data.train_targets, config.alpha_grid,
+                                                     config.beta_grid, config.folds, config.seed)
+        logger.info("%s: alpha=%g beta=%g (%s)", cls.name, alpha, beta, how["chosen by"])
+        adapter = cls(backend, classes, config, text, keys, data.train_targets.clone(), alpha, beta)
+        adapter.selection = {"alpha": alpha, "beta": beta, **how}
+        return adapter
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         features = features.to(self.text)

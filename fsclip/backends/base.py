@@ -240,7 +240,36 @@ class Backend(ABC):
 
     @abstractmethod
     def attention_target_modules(self) -> list[str]:
-        """Module-name suffixes that LoRA should wrap in the towers' attention."""
+        """Module-name suffixes that LoRA should wrap in the towers' attention (after `split_attention`)."""
+
+    # -- optional capabilities: adapters ask for them and refuse in one line where they are missing
+    def split_attention(self) -> None:
+        """Give every fused attention layer separate q, k, v projections, in place and numerically identical.
+
+        Only for a private copy of the model (LoRA's); `fuse_attention` undoes it. A no-op where the
+        attention already has separate projections.
+        """
+        return None
+
+    def fuse_attention(self, model: nn.Module) -> nn.Module:
+        """`model` with split attention fused back into the library's own layout (to save it loadable)."""
+        return model
+
+    def text_token_embedding(self) -> nn.Module | None:
+        """The text tower's token-embedding layer, whose outputs prompt learning (CoOp) replaces, or None."""
+        return None
+
+    def image_projection(self) -> str | None:
+        """Name in `model` of the image tower's final linear projection (ProLIP trains it), or None."""
+        return None
+
+    def forward_image_pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, W) pooled image features before the final projection, with gradients."""
+        raise NotImplementedError(f"{self.spec!r} has no separate final image projection")
+
+    def project_image(self, pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(N, W) pooled features through `weight` (shaped like the `image_projection` parameter) -> (N, D)."""
+        raise NotImplementedError(f"{self.spec!r} has no separate final image projection")
 
     # -- batched inference
     @torch.inference_mode()

@@ -126,5 +126,18 @@ class TransformersBackend(Backend):
     def attention_target_modules(self) -> list[str]:
         return ["q_proj", "k_proj", "v_proj"]
 
+    def text_token_embedding(self) -> nn.Module | None:
+        return self.model.text_model.embeddings.token_embedding
+
+    def image_projection(self) -> str | None:
+        return "visual_projection.weight" if isinstance(getattr(self.model, "visual_projection", None), nn.Linear) \
+            else None
+
+    def forward_image_pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_model(pixel_values=pixels).pooler_output
+
+    def project_image(self, pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return pooled @ weight.T  # nn.Linear layout: (N, W) @ (W, D) -> (N, D)
+
 
 register_backend(TransformersBackend)

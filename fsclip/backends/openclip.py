@@ -65,6 +65,73 @@ class _TextParts:
         return x
 
 
+class SplitQKVAttention(nn.Module):
+    """`nn.MultiheadAttention` (self-attention, as open_clip's blocks call it) with separate q, k, v projections.
+
+    The same computation as the fused layer, with `in_proj_weight` cut into three `nn.Linear` layers
+    that PEFT can wrap one by one (CLIP-LoRA adapts q, k and v, each with its own low-rank update and
+    dropout). `fused()` gives the `nn.MultiheadAttention` back, with the current weights.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        dim, bias = mha.embed_dim, mha.in_proj_bias is not None
+        self.num_heads, self.batch_first, self.dropout = mha.num_heads, mha.batch_first, mha.dropout
+        weights = mha.in_proj_weight.detach().chunk(3)
+        biases = mha.in_proj_bias.detach().chunk(3) if bias else (None,) * 3
+        for name, w, b in zip(("q_proj", "k_proj", "v_proj"), weights, biases):
+            layer = nn.Linear(dim, dim, bias=bias, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                layer.weight.copy_(w)
+                if bias:
+                    layer.bias.copy_(b)
+            setattr(self, name, layer)
+        self.out_proj = mha.out_proj
+
+    def forward(self, query, key, value, need_weights: bool = False, attn_mask=None, key_padding_mask=None,
+                **_):
+        if need_weights or key_padding_mask is not None:
+            raise ValueError("split attention supports need_weights=False without key_padding_mask only")
+        if not self.batch_first:  # (L, N, E) -> (N, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, length, dim = query.shape
+        heads = self.num_heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (N, L, E) -> (N, heads, L, E / heads)
+            return x.view(n, -1, heads, dim // heads).transpose(1, 2)
+
+        q, k, v = split(self.q_proj(query)), split(self.k_proj(key)), split(self.v_proj(value))
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # MultiheadAttention: True = masked out; SDPA: True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def fused(self) -> nn.MultiheadAttention:
+        dim = self.q_proj.in_features
+        bias = self.q_proj.bias is not None
+        w = self.q_proj.weight
+        mha = nn.MultiheadAttention(dim, self.num_heads, dropout=self.dropout, bias=bias,
+                                    batch_first=self.batch_first, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            mha.in_proj_weight.copy_(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+            if bias:
+                mha.in_proj_bias.copy_(torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]))
+        mha.out_proj = self.out_proj
+        return mha
+
+
+def _replace_modules(model: nn.Module, convert) -> nn.Module:
+    """Replace every sub-module `m` for which `convert(m)` returns a module."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = convert(child)
+            if new is not None:
+                setattr(parent, name, new)
+    return model
+
+
 class OpenClipBackend(Backend):
     name = "open_clip"
 
@@ -151,11 +218,40 @@ class OpenClipBackend(Backend):
             return list(visual.transformer.resblocks)
         if hasattr(visual, "trunk") and hasattr(visual.trunk, "blocks"):  # timm towers
             return list(visual.trunk.blocks)
-        raise NotImplementedError(f"no transformer blocks found in {type(visual).__name__}")
+        if all(hasattr(visual, f"layer{i}") for i in range(1, 5)):  # ModifiedResNet (RN50, ...)
+            return [block for i in range(1, 5) for block in getattr(visual, f"layer{i}")]
+        from fsclip.errors import AdapterError
+
+        raise AdapterError(f"cannot find the blocks of {self.spec!r}'s image tower ({type(visual).__name__})")
 
     def attention_target_modules(self) -> list[str]:
-        # nn.MultiheadAttention fuses q, k, v into in_proj_weight; PEFT wraps the whole module.
-        return ["attn"]
+        return ["q_proj", "k_proj", "v_proj"]
+
+    def split_attention(self) -> None:
+        # open_clip's blocks fuse q, k, v into one in_proj_weight, which PEFT can only adapt as a whole
+        def convert(m):
+            if isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim:
+                return SplitQKVAttention(m)
+            return None
+
+        _replace_modules(self.model, convert)
+
+    def fuse_attention(self, model: nn.Module) -> nn.Module:
+        return _replace_modules(model, lambda m: m.fused() if isinstance(m, SplitQKVAttention) else None)
+
+    def text_token_embedding(self) -> nn.Module | None:
+        return self._text.token_embedding
+
+    def image_projection(self) -> str | None:
+        visual = self.model.visual
+        return "visual.proj" if hasattr(visual, "transformer") and isinstance(visual.proj, nn.Parameter) else None
+
+    def forward_image_pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        # the tower's own forward with the final projection left out (`proj` None is its no-projection case)
+        return torch.func.functional_call(self.model.visual, {"proj": None}, (pixels,))
+
+    def project_image(self, pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return pooled @ weight  # (N, W) @ (W, D) -> (N, D)
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
 from pathlib import Path
 
 from fsclip.cli._common import add_model_options, nonnegative_int, positive_float, positive_int
@@ -14,7 +17,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "fit", help="few-shot adapt a model to labelled images (one sub-folder per class)",
         description="Fit a few-shot adapter on an ImageFolder (train/<class>/<image>; '_' in folder names reads "
-                    "as a space), compare it with zero-shot on a validation split, and save it to --out.",
+                    "as a space) within a compute budget (--budget; the plan is printed before the work), compare "
+                    "it with zero-shot on a validation split used for nothing else, and save it to --out.",
     )
     p.add_argument("train", type=Path, help="training folder: one sub-folder of images per class")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write (written atomically)")
@@ -30,6 +34,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=None, help="learning rate (methods that train)")
     p.add_argument("--templates", default="imagenet80",
                    help="prompt template set or JSON file for the class names (default: imagenet80)")
+    p.add_argument("--budget", default=None, metavar="DURATION",
+                   help="wall-clock budget for the whole fit, e.g. 90s, 5m, 2h or 'none': schedules are cut to fit "
+                        "it, --iters/--epochs win over it (default: 3m on CPU, 30m on a GPU)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips in augmentation (--no-flip where mirroring changes meaning)")
     p.add_argument("--merge", type=Path, default=None, metavar="DIR",
@@ -40,10 +47,42 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run, batch_size=None)
 
 
-def _options(args) -> dict:
+def _options(args, method: str) -> dict:
+    """Adapter options from the flags; training flags a method does not have are dropped with a warning."""
+    from fsclip.adapters import AUTO, get_adapter
+
     given = {"epochs": args.epochs, "iters": args.iters, "lr": args.lr, "batch_size": args.batch_size,
              "flip": args.flip}
-    return {"templates": args.templates, "seed": args.seed, **{k: v for k, v in given.items() if v is not None}}
+    given = {k: v for k, v in given.items() if v is not None}
+    if method != AUTO:  # for auto, `fit` drops them once the advisor has chosen
+        fields = get_adapter(method).config_class.fields()
+        dropped = sorted(k for k in given if k not in fields)
+        if dropped:
+            flags = ", ".join("--" + k.replace("_", "-") for k in dropped)
+            logging.getLogger("fsclip.cli.fit").warning("%s: not an option of method %s; ignored", flags, method)
+        given = {k: v for k, v in given.items() if k in fields}
+    return {"templates": args.templates, "seed": args.seed, **given}
+
+
+@contextlib.contextmanager
+def _plan_lines(quiet: bool):
+    """Show the fit's plan and progress lines (the library logs them) on stderr, unless --quiet."""
+    from fsclip.adapters._budget import PLAN_LOGGER
+
+    log = logging.getLogger(PLAN_LOGGER)
+    saved = (log.level, log.propagate)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if not quiet:
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def _check_paths(args) -> None:
@@ -97,7 +136,7 @@ def _check_disjoint(train, val) -> None:
 
 
 def run(args) -> int:
-    from fsclip.adapters import AUTO, fit, get_adapter, holdout_split
+    from fsclip.adapters import AUTO, fit, get_adapter, holdout_split, parse_duration
     from fsclip.backends import load_model
     from fsclip.data import load_image_folder, sample_shots
     from fsclip.errors import UsageError
@@ -108,10 +147,13 @@ def run(args) -> int:
         if args.runtime != "torch" and not method.frozen_backbone:
             raise UsageError(f"--method {args.method} trains the towers, which needs --runtime torch "
                              f"(runtime {args.runtime} is for inference)")
+    if args.budget is not None:
+        parse_duration(args.budget)  # a bad duration fails before any loading too
     if args.merge is not None and args.method not in ("lora", "auto"):
         raise UsageError(f"--merge applies to method lora only, not {args.method!r}")
     load_templates(args.templates)  # a bad set or file fails now, not after training
     _check_paths(args)
+    options = _options(args, args.method)
     data = load_image_folder(args.train)
     if args.val is not None:
         val = load_image_folder(args.val, classes=list(data.classes))
@@ -124,18 +166,35 @@ def run(args) -> int:
     if not backend.has_text:  # TODO(issue 11 part 2): the few-shot methods on image-only backbones
         raise UsageError(f"model {args.model!r} has no text tower, and the few-shot methods do not take "
                          "image-only models yet (issue 11); use a CLIP-style model")
-    print(f"fitting {args.method} on {len(train)} training and {len(val)} validation images of "
-          f"{len(train.classes)} classes with {args.model}")
-    adapter = fit(backend, train, args.method, val=val, progress=not args.quiet, **_options(args))
+    try:
+        with _plan_lines(args.quiet):
+            adapter = fit(backend, train, args.method, val=val, budget=args.budget, progress=not args.quiet,
+                          **options)
+    except KeyboardInterrupt:
+        print(f"fsclip: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
     m = adapter.metrics
     if m.get("advice"):
-        print("strategy advisor:")
-        for line in _advice_lines(m["advice"]):
-            print(f"  {line}")
+        print(f"method: {adapter.name}, chosen by the strategy advisor on the training images: "
+              f"{m['advice']['reason']}")
+        if m["advice"].get("compute"):
+            print(f"compute: {m['advice']['compute']}")
+    for line in _selection_lines(m.get("selection", {})):
+        print(line)
     acc, ece = m["val_accuracy"], m["val_ece"]
-    print(f"validation accuracy ({m['val_images']} images): zero-shot {acc['zero_shot']:.3f} -> "
-          f"{adapter.name} {acc['adapter']:.3f} ({acc['adapter'] - acc['zero_shot']:+.3f})")
-    print(f"calibration: temperature {m['temperature']:.3f}, ECE {ece['uncalibrated']:.3f} -> {ece['calibrated']:.3f}")
+    uses = m["data_roles"]["validation images"]
+    held = "used for nothing else" if m["val_accuracy_is_held_out"] else f"also used for {uses}: optimistic"
+    if "zero_shot" in acc:
+        print(f"validation accuracy ({m['val_images']} images, {held}): zero-shot {acc['zero_shot']:.3f} -> "
+              f"{adapter.name} {acc['adapter']:.3f} ({acc['adapter'] - acc['zero_shot']:+.3f})")
+    else:
+        print(f"validation accuracy ({m['val_images']} images, {held}): {adapter.name} {acc['adapter']:.3f}")
+    crossfit = ece.get("calibrated_cross_fitted")
+    crossfit = f" (cross-fitted: {crossfit:.3f})" if crossfit is not None else ""
+    print(f"calibration on the validation images: temperature {m['temperature']:.3f}, ECE {ece['uncalibrated']:.3f} "
+          f"-> {ece['calibrated']:.3f}{crossfit}")
+    print(f"fit time: {m['budget']['fit_seconds']:.1f} s (budget: "
+          f"{'none' if m['budget']['seconds'] is None else str(round(m['budget']['seconds'])) + ' s'})")
     adapter.save(args.out, overwrite=args.overwrite)
     print(f"saved {args.out}/  (use it: fsclip predict IMAGES --adapter {args.out})")
     if args.merge is not None:
@@ -147,7 +206,16 @@ def run(args) -> int:
     return 0
 
 
-def _advice_lines(advice: dict) -> list[str]:
-    from fsclip.adapters import Advice
-
-    return Advice(**advice).lines()
+def _selection_lines(selection: dict) -> list[str]:
+    """What the method chose and from which data, in one line, e.g. 'chosen: C=10 (5-fold cross-validation ...)'."""
+    how = selection.get("chosen by")
+    chosen = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in selection.items()
+              if k in ("C", "alpha", "beta", "penalty")]
+    lines = []
+    if how:
+        lines.append(f"chosen: {', '.join(chosen)} ({how})" if chosen else f"chosen: {how}")
+    for key in ("views", "training"):
+        plan = selection.get(key)
+        if isinstance(plan, dict) and plan.get("planned") is not None:
+            lines.append(f"{plan['what']}: {plan['planned']} {plan['unit']}s ({plan['reason']})")
+    return lines

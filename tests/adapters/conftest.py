@@ -58,7 +58,11 @@ def _one_torch_thread(one_torch_thread):
 def fast_options() -> dict[str, dict]:
     """Small budgets per method, for contract tests on tiny random models (accuracy is not the point)."""
     return {
+        "tip-adapter": {"views": 2},
         "tip-adapter-f": {"epochs": 2, "views": 2},
+        "clap": {"epochs": 2, "views": 2},
+        "prolip": {"epochs": 3, "views": 2},
+        "coop": {"epochs": 2, "views": 2, "n_ctx": 4},
         "lora": {"iters": 4},
         "partial-ft": {"iters": 4, "blocks": 1},
         "full-ft": {"iters": 4},
@@ -77,3 +81,30 @@ def tiny_hf_clip(tiny_hf_clip_dir):
     from fsclip.backends import load_model
 
     return load_model(f"hf:{tiny_hf_clip_dir}", device="cpu")
+
+
+TINY_RESNET = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet(tmp_path_factory):
+    """An open_clip CLIP with a ModifiedResNet image tower (RN50's kind: attention pooling, no blocks of attention)."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from fsclip.backends import load_model
+
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY_RESNET)
+    out = tmp_path_factory.mktemp("tiny-resnet")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
+    preprocess = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_RESNET, "preprocess_cfg": preprocess}))
+    return load_model(str(out), device="cpu")

@@ -88,3 +88,19 @@ def test_head_starts_from_the_linear_probe_or_zero_shot(probe_init, tiny_opencli
         want_w, want_b = tiny_openclip.logit_scale * text.float(), torch.zeros(len(text))
     torch.testing.assert_close(adapter.head.weight, want_w.float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(adapter.head.bias, want_b.float(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["partial-ft", "full-ft"])
+def test_resnet_image_tower_fine_tunes_with_pretrained_batch_norm_statistics(method, tiny_resnet, small_task):
+    """open_clip's ModifiedResNet (RN50's kind): its bottleneck blocks are the blocks; batch-norm running
+    statistics stay the pretrained ones (few-shot batches cannot estimate them)."""
+    adapter = fit(tiny_resnet, small_task.pool, method, val=small_task.val, templates="generic", blocks=1, iters=2,
+                  lr=1e-2, batch_size=4) if method == "partial-ft" else fit(
+        tiny_resnet, small_task.pool, method, val=small_task.val, templates="generic", iters=2, lr=1e-2, batch_size=4)
+    changed = _changed(adapter, tiny_resnet)
+    assert changed
+    if method == "partial-ft":
+        assert all(n.startswith(("visual.layer4.", "visual.attnpool.")) for n in changed)
+    ours = dict(adapter.backend.model.named_buffers())
+    assert all(torch.equal(b, ours[n]) for n, b in tiny_resnet.model.named_buffers() if "running" in n)
+    assert adapter.train_result["blocks"] == 4

@@ -11,7 +11,7 @@ from fsclip.adapters import fit, get_adapter, list_adapters, list_methods, regis
 from fsclip.adapters.config import AdapterConfig
 from fsclip.errors import UsageError
 
-METHODS = ["full-ft", "linear-probe", "lora", "partial-ft", "tip-adapter", "tip-adapter-f"]
+METHODS = ["clap", "coop", "full-ft", "linear-probe", "lora", "partial-ft", "prolip", "tip-adapter", "tip-adapter-f"]
 
 
 def test_list_adapters_is_derived_from_the_registry():
@@ -31,7 +31,7 @@ def test_unknown_method_lists_the_valid_ones(tiny_openclip, small_task):
     with pytest.raises(UsageError) as err:
         fit(tiny_openclip, small_task.pool, "lorra", val=small_task.val)
     msg = str(err.value)
-    assert "'lorra'" in msg and "auto, full-ft, linear-probe, lora, partial-ft, tip-adapter, tip-adapter-f" in msg
+    assert "'lorra'" in msg and "auto, clap, coop, full-ft, linear-probe, lora, partial-ft, prolip, tip-adapter" in msg
     assert "\n" not in msg
 
 
@@ -49,7 +49,9 @@ def test_configs_are_frozen_and_round_trip_through_json(method):
     ("method", "field", "value"),
     [("lora", "rank", 0), ("lora", "dropout", 1.5), ("lora", "towers", "audio"), ("lora", "lr", -1.0),
      ("partial-ft", "blocks", 0), ("full-ft", "layer_decay", 2.0), ("tip-adapter", "alpha_grid", ()),
-     ("tip-adapter-f", "views", -1), ("linear-probe", "c_grid", (0.0,)), ("linear-probe", "seed", -1)],
+     ("tip-adapter-f", "views", -1), ("linear-probe", "c_grid", (0.0,)), ("linear-probe", "seed", -1),
+     ("linear-probe", "folds", 1), ("clap", "epochs", 0), ("clap", "crop_scale", 0.0), ("prolip", "penalty", -1.0),
+     ("coop", "n_ctx", 0), ("coop", "views", 0)],
 )
 def test_invalid_values_name_field_and_value(method, field, value):
     cls = get_adapter(method).config_class
@@ -59,8 +61,8 @@ def test_invalid_values_name_field_and_value(method, field, value):
 
 
 def test_epochs_and_iters_replace_each_other():
-    cfg = get_adapter("full-ft").config_class()
-    assert cfg.epochs is not None
+    cfg = get_adapter("full-ft").config_class().with_options(epochs=3)
+    assert cfg.epochs == 3 and cfg.iters is None
     assert cfg.with_options(iters=7).epochs is None
     with pytest.raises(UsageError, match="not both"):
         cfg.with_options(iters=7, epochs=2)

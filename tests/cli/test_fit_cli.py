@@ -57,7 +57,8 @@ def test_fit_prints_accuracies_and_calibration(folders, tmp_path, capsys):
     assert main(["fit", str(folders / "train"), "--val", str(folders / "val"), "--model", "shapes", "--method",
                  "linear-probe", "--out", str(out), "--templates", "shapes", "--device", "cpu", "-q"]) == 0
     text = capsys.readouterr().out
-    assert "validation accuracy (9 images): zero-shot" in text and "-> linear-probe" in text
+    assert "validation accuracy (9 images, used for nothing else): zero-shot" in text and "-> linear-probe" in text
+    assert "chosen: C=" in text and "cross-validation on the training images" in text
     assert "temperature" in text and "ECE" in text and f"fsclip predict IMAGES --adapter {out}" in text
 
 
@@ -79,16 +80,71 @@ def test_threshold_abstains_and_bad_files_are_records(adapter_dir, folders, tmp_
     assert main(["predict", str(folders / "test" / "ring"), str(bad), "--adapter", str(adapter_dir), "--format",
                  "json", "--threshold", "0.999", "--device", "cpu", "-q"]) == 0
     records = _records(capsys)
-    assert {r["label"] for r in records if "label" in r} == {"unknown"}
+    labelled = [r for r in records if "label" in r]
+    assert any(r["label"] == "unknown" for r in labelled)
+    assert all(r["label"] == "unknown" or r["predictions"][0]["score"] >= 0.999 for r in labelled)
     assert [r["path"] for r in records if "error" in r] == [str(bad)]
 
 
-def test_auto_prints_measurements_and_reason(folders, tmp_path, capsys):
+def test_auto_prints_its_plan_before_the_work_and_the_outcome_after(folders, tmp_path, capsys):
     assert main(["fit", str(folders / "train"), "--val", str(folders / "val"), "--model", "shapes", "--out",
-                 str(tmp_path / "auto"), "--templates", "shapes", "--device", "cpu", "--iters", "2", "-q"]) == 0
-    text = capsys.readouterr().out
-    assert "strategy advisor:" in text and "zero-shot val accuracy" in text
-    assert "method: " in text and "reason: " in text
+                 str(tmp_path / "auto"), "--templates", "shapes", "--device", "cpu", "--budget", "10s"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert err[0] == "fit: auto on 24 training images of 3 classes (9 validation images); budget 10s on cpu"
+    assert "advisor: measurements (training images only):" in err
+    assert any(line.startswith("advisor: zero-shot accuracy (training)") for line in err)
+    chosen = next(i for i, line in enumerate(err) if line.startswith("advisor: method: "))
+    assert err[chosen + 1].startswith("advisor: reason: ")
+    plans = [i for i, line in enumerate(err) if "measured" in line and "ETA" in line]  # schedule, step time, ETA
+    done = next(i for i, line in enumerate(err) if line.startswith("fit done in "))
+    assert all(chosen < i < done for i in plans)
+    assert "chosen by the strategy advisor on the training images" in captured.out
+    assert "used for nothing else" in captured.out
+
+
+def test_training_options_a_method_lacks_are_ignored_with_a_warning(folders, tmp_path, capsys):
+    assert main(["fit", str(folders / "train"), "--val", str(folders / "val"), "--model", "shapes", "--method",
+                 "linear-probe", "--batch-size", "8", "--iters", "3", "--out", str(tmp_path / "lp"), "--templates",
+                 "shapes", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "--batch-size, --iters: not an option of method linear-probe; ignored" in err
+    assert (tmp_path / "lp" / "adapter_config.json").exists()
+
+
+def test_a_bad_budget_is_one_line_before_any_loading(folders, tmp_path, capsys):
+    msg = _fit_fails([str(folders / "train"), "--method", "clap", "--budget", "5 minutes"], capsys, tmp_path / "o")
+    assert "budget must be a duration like 90s, 5m, 2h" in msg and "'5 minutes'" in msg
+
+
+def test_ctrl_c_ends_cleanly_with_exit_130_and_nothing_written(folders, tmp_path):
+    """A real SIGINT to a real `fsclip fit` process, sent once it has printed its training plan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "lora"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fsclip", "fit", str(folders / "train"), "--val",
+                             str(folders / "val"), "--model", "shapes", "--method", "lora", "--iters", "100000",
+                             "--out", str(out), "--templates", "shapes", "--device", "cpu"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if line.startswith("lora training:") or not line:
+            break
+    assert lines[-1].startswith("lora training: 100000 steps (as given"), lines
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read().splitlines()
+    assert proc.wait(timeout=60) == 130
+    assert [line for line in rest if "interrupted" in line] == [f"fsclip: interrupted; nothing was written to {out}"]
+    assert not any("Traceback" in line for line in rest)
+    assert not out.exists() and not list(tmp_path.glob(".lora*"))
 
 
 def test_lora_with_shots_seed_and_merge(folders, tmp_path, capsys):
@@ -154,7 +210,7 @@ def test_validation_labels_differ(folders, tmp_path, capsys):
 
 def test_unknown_method_lists_valid_ones(folders, tmp_path, capsys):
     msg = _fit_fails([str(folders / "train"), "--method", "lorra"], capsys, tmp_path / "out")
-    assert "unknown method 'lorra'; choose one of: auto, full-ft, linear-probe, lora" in msg
+    assert "unknown method 'lorra'; choose one of: auto, clap, coop, full-ft, linear-probe, lora" in msg
 
 
 def test_existing_out_is_not_overwritten(folders, adapter_dir, capsys):
