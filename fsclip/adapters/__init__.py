@@ -12,6 +12,10 @@ device) that sizes the schedules, and ends the same way: the validation images, 
 chooses anything on, give the reported accuracy of zero-shot vs the adapter and a temperature for
 calibrated probabilities (its effect on calibration error cross-fitted); all of it in
 `adapter.metrics` (and `metrics.json`), with which data each figure came from.
+
+Under `torchrun` / `accelerate launch` a fit is data-parallel (see `fsclip.distributed.world`): the
+images are encoded in parts by the ranks, training runs on the global batch split between them, and
+every rank returns the same adapter; save it from the main process.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from fsclip.adapters.config import AdapterConfig
 from fsclip.adapters.registry import AUTO, get_adapter, list_adapters, list_methods, register_adapter
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
+from fsclip.distributed import world
 from fsclip.errors import AdapterError, UsageError
 from fsclip.prompts_io import load_templates
 from fsclip.zeroshot import build_text_classifier
@@ -133,8 +138,8 @@ def fit(
     if method == AUTO:
         if config is not None:
             raise UsageError("method 'auto' chooses the config too; pass options as keyword overrides instead")
-        advice = advise(backend, train, overrides.get("templates", "imagenet80"), advisor, budget=budget,
-                        progress=progress, options=overrides, costs=costs)
+        advice = world.broadcast(advise(backend, train, overrides.get("templates", "imagenet80"), advisor,
+                                        budget=budget, progress=progress, options=overrides, costs=costs))
         method = advice.method
         overrides = {**overrides, **advice.options}
     cls = get_adapter(method)

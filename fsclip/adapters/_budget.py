@@ -7,7 +7,9 @@ and the schedule is cut to what still fits in the budget, after the work already
 extraction) and a reserve for what follows training (calibration, the final evaluation). Explicit
 `iters` / `epochs` win over the budget. The plan is logged on `PLAN_LOGGER` before the long work.
 
-Everything reads time through `Budget.clock`, so tests drive the planning with a fake clock.
+Everything reads time through `Budget.clock`, so tests drive the planning with a fake clock. Under
+torchrun / accelerate launch the time spent and the measured cost of a unit are rank 0's, so every
+rank plans the same schedule (and the ranks, which wait for each other, stay in step).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
+from fsclip.distributed import world
 from fsclip.errors import UsageError
 
 __all__ = [
@@ -108,7 +111,8 @@ class Budget:
         return not math.isinf(self.seconds)
 
     def elapsed(self) -> float:
-        return self.clock() - self.start
+        """Seconds since the fit started (rank 0's: every rank then takes the same decisions)."""
+        return world.broadcast(self.clock() - self.start)
 
     def remaining(self) -> float:
         """Seconds left for work, the reserve for what follows training already taken off."""
@@ -150,6 +154,7 @@ class Schedule:
 
         `share`: the fraction of the remaining budget this schedule may use (the rest is for later work).
         """
+        seconds_per_unit = world.broadcast(seconds_per_unit)
         self.seconds_per_unit = seconds_per_unit
         if self.fixed is not None:
             self.planned = self.fixed
@@ -199,6 +204,7 @@ class Progress:
         self.n = 0
         self.start = self.last = clock()
         stream = stream or sys.stderr
+        enabled = enabled and world.is_main()
         tty = enabled and hasattr(stream, "isatty") and stream.isatty()
         self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=stream) if tty else None
         self.lines = enabled and not tty

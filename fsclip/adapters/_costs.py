@@ -12,6 +12,7 @@ from fsclip.adapters._budget import Budget
 from fsclip.adapters._features import load_images_or_fail
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
+from fsclip.distributed import world
 
 __all__ = ["Costs", "measure_costs"]
 
@@ -36,7 +37,7 @@ def measure_costs(backend: Backend, train: LabeledImages, budget: Budget, probe_
     """Seconds per image and per prompt through the towers, timed on this device (second of two runs).
 
     An image's cost includes reading it and making an augmented, preprocessed view of it: for small
-    models that, not the forward pass, is most of the time.
+    models that, not the forward pass, is most of the time. Under a launcher, rank 0's times.
     """
     t0 = budget.clock()
     rng = np.random.default_rng(0)
@@ -59,5 +60,5 @@ def measure_costs(backend: Backend, train: LabeledImages, budget: Budget, probe_
         image_s.append((t1 - t0) / probe_images)
         text_s.append((budget.clock() - t1) / len(prompts))
     shots = min(train.counts().values())
-    return Costs(images=len(train), shots=shots, classes=len(train.classes), image_seconds=prepare + image_s[-1],
-                 text_seconds=text_s[-1])
+    return world.broadcast(Costs(images=len(train), shots=shots, classes=len(train.classes),
+                                 image_seconds=prepare + image_s[-1], text_seconds=text_s[-1]))

@@ -3,6 +3,10 @@
 Cache key: the model's weight fingerprint and input size, and a hash of the file's bytes (not its path),
 so a renamed or copied image is still a hit and an edited one is not. Refitting an adapter with other
 hyper-parameters, or another K-shot sample of the same folder, encodes nothing new.
+
+Under torchrun / accelerate launch the images that any rank misses in its cache are split between the
+ranks: each encodes its part, every rank gets all the features in order, and the first process on each
+machine writes them to that machine's cache.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from fsclip.adapters._augment import random_view
 from fsclip.adapters._budget import Budget, Progress, Schedule, plan_log
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
+from fsclip.distributed import world
 from fsclip.encode import encode_images
 from fsclip.errors import DataError
 from fsclip.images import ImageLoadError, load_image
@@ -84,7 +89,8 @@ def encode_items(
     backend: Backend, items: Sequence[Item], cache: bool = True, progress: bool = False, batch_size: int = 32,
     what: str = "image",
 ) -> torch.Tensor:
-    """(N, D) float32 CPU features of paths or PIL images; cached per file when `cache`.
+    """(N, D) float32 CPU features of paths or PIL images; cached per file when `cache`; split between
+    the ranks under a launcher.
 
     Raises:
         DataError: naming the files that could not be read (all of them are tried first).
@@ -102,19 +108,34 @@ def encode_items(
                 out[i] = hit
                 continue
         todo.append(i)
+    todo = _missed_anywhere(todo)
     if todo:
-        feats, found, errors = encode_images(backend, [items[i] for i in todo], batch_size=batch_size, progress=progress)
+        def encode(own: range) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+            idx = [todo[j] for j in own]
+            feats, found, errors = encode_images(backend, [items[i] for i in idx], batch_size=batch_size,
+                                                 progress=progress and world.is_main())
+            return feats.float().cpu(), [idx[k] for k in found], [(idx[k], why) for k, why in errors]
+
+        parts = world.map_parts(len(todo), encode)
+        errors = [e for _, _, part_errors in parts for e in part_errors]
         if errors:
-            raise _fail([items[i] for i in todo], errors, what)
-        feats = feats.float().cpu()
-        for row, j in enumerate(found):
-            i = todo[j]
-            out[i] = feats[row]
-            if store is not None and keys[i] is not None:
-                store.put(keys[i], feats[row])
+            raise _fail(items, errors, what)
+        for feats, found, _ in parts:
+            for row, i in enumerate(found):
+                out[i] = feats[row]
+                if store is not None and keys[i] is not None and world.is_local_main():
+                    store.put(keys[i], feats[row])
     if store is not None:
         logger.info("%d %s feature(s) from cache, %d encoded", len(items) - len(todo), what, len(todo))
     return out
+
+
+def _missed_anywhere(missing: list[int]) -> list[int]:
+    """Positions any rank misses in its cache (one rank's cache may lack what another's holds): every
+    rank then encodes its part of the same list."""
+    if world.size() == 1:
+        return missing
+    return sorted(set().union(*world.gather(missing)))
 
 
 def load_images_or_fail(paths: Sequence[str | os.PathLike], what: str = "training image") -> list[Image.Image]:
@@ -150,32 +171,45 @@ def encode_views(
     """(V, N, D) features of V <= `views` random augmented views of each image, and how V was chosen.
 
     View v of an image is a function of (seed, v, the image's bytes, the augmentation), so cached views
-    are exactly the ones a fresh run would draw. Views are encoded one at a time; unless `fixed`, the
-    count is cut to what fits in `share` of the `budget` left, timed on the first view that needed
-    encoding. `pooled`: features before the image tower's final projection (ProLIP trains it).
+    are exactly the ones a fresh run would draw, whichever rank draws them. Views are encoded one at a
+    time (each split between the ranks under a launcher); unless `fixed`, the count is cut to what fits
+    in `share` of the `budget` left, timed on the first view that needed encoding. `pooled`: features
+    before the image tower's final projection (ProLIP trains it).
     """
     schedule = Schedule(what, "view", default=views, fixed=views if fixed else None)
     budget = budget or Budget(math.inf)
     store = _Store(backend, "pooled" if pooled else "")
     tag = f"aug2-s{crop_scale:g}-f{int(flip)}-seed{seed}"
     keys = [content_key(p) for p in paths]
-    images: list[Image.Image] | None = None
+    images: dict[int, Image.Image] = {}  # decoded once, only those this rank makes views of
     out: list[torch.Tensor] = []
+
+    def decode(own: range) -> None:
+        new = [n for n in (missing[j] for j in own) if n not in images]
+        for n, img in zip(new, load_images_or_fail([paths[n] for n in new])):
+            images[n] = shrink_image(img, 2 * backend.image_size)
+
+    def encode(own: range) -> tuple[list[int], torch.Tensor | None]:
+        idx = [missing[j] for j in own]
+        crops = [random_view(images[n], np.random.default_rng([seed, int(keys[n][:12], 16), v]),
+                             backend.image_size, crop_scale, flip) for n in idx]
+        return idx, _forward_crops(backend, crops, batch_size, pooled) if crops else None
+
     bar = Progress(views, what, "view", progress, clock=budget.clock)
     try:
         for v in range(views):
             hits = [store.get(f"{k}-{tag}-v{v}") if k is not None else None for k in keys]
             missing = [n for n, h in enumerate(hits) if h is None or (not pooled and h.shape != (backend.embed_dim,))]
-            if missing and images is None:
-                images = [shrink_image(img, 2 * backend.image_size) for img in load_images_or_fail(paths)]
+            missing = _missed_anywhere(missing)
+            if missing:
+                world.map_parts(len(missing), decode)  # before the clock starts: the plan times encoding only
             t0 = budget.clock()
             if missing:
-                crops = [random_view(images[n], np.random.default_rng([seed, int(keys[n][:12], 16), v]),
-                                     backend.image_size, crop_scale, flip) for n in missing]
-                feats = _forward_crops(backend, crops, batch_size, pooled)
-                for row, n in enumerate(missing):
-                    hits[n] = feats[row]
-                    store.put(f"{keys[n]}-{tag}-v{v}", feats[row])
+                for idx, feats in world.map_parts(len(missing), encode):
+                    for row, n in enumerate(idx):
+                        hits[n] = feats[row]
+                        if world.is_local_main():
+                            store.put(f"{keys[n]}-{tag}-v{v}", feats[row])
             out.append(torch.stack(hits))
             bar.update(1)
             if schedule.planned is None and missing:

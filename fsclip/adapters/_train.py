@@ -1,6 +1,11 @@
 """What the methods that train share: a private copy of the model, augmented image batches or cached
 feature batches, and the one optimisation loop (sized by the compute budget; validation checks, early
-stopping and restoring the best weights only when asked for)."""
+stopping and restoring the best weights only when asked for).
+
+Under torchrun / accelerate launch the loop is data-parallel (`fsclip.distributed.world`): every rank
+draws the same global batch, computes the loss of its part, and DDP averages the gradients, so the
+ranks take the steps one process would take with the same global batch and end with the same weights.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsclip.adapters._augment import random_view
+from fsclip.adapters._augment import draw_view, make_view
 from fsclip.adapters._budget import Budget, Progress, Schedule, median_seconds, plan_log
 from fsclip.adapters._features import load_images_or_fail, shrink_image
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
+from fsclip.distributed import world
 
 __all__ = [
     "FeatureBatches",
@@ -133,7 +139,12 @@ def preprocess_all(backend: Backend, data: LabeledImages, what: str) -> torch.Te
 
 
 class ImageBatches:
-    """Endless augmented, preprocessed batches: decode once, new crops and flips every epoch."""
+    """Endless augmented, preprocessed batches: decode once, new crops and flips every epoch.
+
+    Yields (pixels, targets, weight) of this rank's part of each global batch (`world.batch_part`;
+    in one process the whole batch, weight 1). Every rank draws the crops and flips of the whole batch,
+    in order, and makes only its own part: the global batch is the one a single process draws.
+    """
 
     def __init__(self, backend: Backend, data: LabeledImages, batch_size: int, crop_scale: float, flip: bool,
                  seed: int):
@@ -151,17 +162,17 @@ class ImageBatches:
         """Batches per epoch."""
         return math.ceil(len(self.images) / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
         size = self.backend.image_size
         while True:
             order = self.rng.permutation(len(self.images))
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                pixels = torch.stack([
-                    self.backend.preprocess(random_view(self.images[i], self.rng, size, self.crop_scale, self.flip))
-                    for i in idx
-                ])
-                yield pixels, self.targets[idx]
+                views = [draw_view(self.rng, *self.images[i].size, self.crop_scale, self.flip) for i in idx]
+                own, weight = world.batch_part(len(idx))
+                pixels = torch.stack([self.backend.preprocess(make_view(self.images[idx[k]], views[k], size))
+                                      for k in own])
+                yield pixels, self.targets[idx[own.start : own.stop]], weight
             self.epoch += 1
 
 
@@ -176,6 +187,7 @@ class FeatureBatches:
 
     `pool_views`: an epoch is one pass over all V x N features (CLAP's augmented set); otherwise
     epoch e sees view e mod V of every image (new crops every epoch, as when augmenting on the fly).
+    Yields (features, targets, weight) of this rank's part of each batch, as `ImageBatches` does.
     """
 
     def __init__(self, views: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int,
@@ -190,14 +202,16 @@ class FeatureBatches:
         n = self.views.shape[0] * self.views.shape[1] if self.pool_views else self.views.shape[1]
         return -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, float]]:
         while True:
             if self.pool_views:
                 x, y = self.views.reshape(-1, self.views.shape[-1]), self.targets.repeat(self.views.shape[0])
             else:
                 x, y = self.views[self.epoch % self.views.shape[0]], self.targets
             for idx in torch.randperm(len(x), generator=self.gen).split(self.batch_size):
-                yield x[idx], y[idx]
+                own, weight = world.batch_part(len(idx))
+                idx = idx[own.start : own.stop]
+                yield x[idx], y[idx], weight
             self.epoch += 1
 
 
@@ -249,6 +263,10 @@ def run_training(
     Validation checks run only when `evaluate` is given (early stopping is opt-in: it spends the
     validation images on choosing a step). With `keep_best`, the weights end as those of the best
     check, which may be the starting point.
+
+    Data-parallel under a launcher: `loss_fn` runs on each rank's part of the batch inside DDP, and
+    what decides the schedule (the measured step time, via `Schedule.plan`) and early stopping (the
+    validation score) is rank 0's, so every rank runs the same steps.
     """
     total = {"steps": schedule.fixed or schedule.default}
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -266,7 +284,7 @@ def run_training(
         if model is not None:
             model.eval()
         with torch.no_grad():
-            result = evaluate()
+            result = world.broadcast(evaluate())
         history.append({"step": step, "val_accuracy": round(result[0], 4), "val_nll": round(-result[1], 4)})
         logger.info("%s: step %d, validation accuracy %.3f, NLL %.3f", desc, step, result[0], -result[1])
         return result
@@ -281,6 +299,7 @@ def run_training(
     bar = Progress(total["steps"], desc, "step", progress, clock=budget.clock)
     durations: list[float] = []
     step, since = 0, (0, 0.0)
+    step_loss = world.DataParallel(params, loss_fn, find_unused=on_epoch is not None)
     try:
         while step < total["steps"]:
             step += 1
@@ -288,11 +307,11 @@ def run_training(
             if on_epoch is not None and batches.epoch != epoch:
                 epoch = batches.epoch
                 on_epoch(epoch)
-            inputs, targets = next(it)
+            inputs, targets, weight = next(it)
             if model is not None:
                 _train_mode(model)
             with autocast(device):
-                loss = loss_fn(inputs.to(device), targets.to(device))
+                loss = step_loss(inputs.to(device), targets.to(device), weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -327,7 +346,9 @@ def run_training(
                         logger.info("%s: no better validation score in %d checks; stopping at step %d",
                                     desc, stale, step)
                         break
+        step_loss.check_same()
     finally:
+        step_loss.close()
         bar.close()
         if model is not None:
             model.eval()

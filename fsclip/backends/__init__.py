@@ -16,6 +16,7 @@ from fsclip.backends import timm as _timm  # noqa: F401  (registers)
 from fsclip.backends._hub import offline_unless_reachable
 from fsclip.backends.base import Backend
 from fsclip.backends.registry import get_backend, list_backends, resolve_spec
+from fsclip.distributed import world
 from fsclip.errors import ModelLoadError, UsageError
 
 __all__ = ["Backend", "list_backends", "load_model", "resolve_device", "resolve_dtype"]
@@ -26,13 +27,12 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`auto` asks Accelerate for the best local device (cuda, mps, else cpu)."""
+    """`auto` asks Accelerate for the best local device (cuda, mps, else cpu); under torchrun /
+    accelerate launch, `auto` and `cuda` are this rank's device (`cuda:LOCAL_RANK`, or cpu)."""
     if isinstance(device, torch.device):
         return device
-    if device == "auto":
-        from accelerate import PartialState
-
-        return PartialState().device
+    if device == "auto" or (device == "cuda" and world.launched()):
+        return world.device()
     try:
         dev = torch.device(device)
     except RuntimeError:

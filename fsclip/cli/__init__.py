@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
 
 from fsclip._version import __version__
-from fsclip.errors import FsclipError
+from fsclip.distributed import world
+from fsclip.errors import FsclipError, UsageError
 
 __all__ = ["main"]
 
@@ -50,12 +52,28 @@ def _quiet_stdout() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _silenced(rank: int, stderr: bool = False):
+    """Under torchrun / accelerate launch the main process alone prints: the other ranks' stdout (and,
+    for what every rank does alike, stderr) goes nowhere."""
+    if not rank:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+            contextlib.redirect_stderr(devnull) if stderr else contextlib.nullcontext():
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    rank = world.launch_rank()
     try:
-        args = parser.parse_args(argv)
+        with _silenced(rank, stderr=True):
+            args = parser.parse_args(argv)
     except SystemExit as e:  # usage error (already printed), --help or --version
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    if rank:  # under torchrun / accelerate launch the main process alone prints and shows progress
+        args.quiet = True
     quiet = getattr(args, "quiet", False)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fsclip: %(levelname)s: %(message)s"))
@@ -67,12 +85,21 @@ def main(argv: list[str] | None = None) -> int:
         force=True,
     )
     try:
-        return int(args.func(args) or 0)
+        if world.launched():
+            if not getattr(args, "data_parallel", False):
+                raise UsageError(f"fsclip {args.command} runs in one process; under torchrun / accelerate launch "
+                                 "run fsclip fit or fsclip eval zeroshot/fewshot/retrieval")
+            world.setup(getattr(args, "device", "auto"))
+        with _silenced(rank):
+            return int(args.func(args) or 0)
     except FsclipError as e:
-        print(f"fsclip: error: {e}", file=sys.stderr)
+        # an error every rank raised (a usage error, an unreadable image) is the main process's to report
+        if not rank or not (isinstance(e, UsageError) or world.raised_on_every_rank(e)):
+            print(f"fsclip: error: {f'(rank {rank}) ' if rank else ''}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fsclip: interrupted", file=sys.stderr)
+        if not rank:
+            print("fsclip: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as `yes | head` does
         _quiet_stdout()

@@ -64,6 +64,21 @@ def probability(text: str) -> float:
     return value
 
 
+def parse_options(items: list[str]) -> dict:
+    """`--option KEY=VALUE` flags as a dict; each value read as JSON when it parses (`iters=200`,
+    `towers="image"` or `towers=image`), else kept as text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def add_model_options(p: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
     p.add_argument("--model", default=default, required=default is None,
                    help=f"model spec: folder, ARCH@TAG, hf-hub:ORG/REPO, ORG/REPO or 'shapes' (default: {default})")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from fsclip._outputs import check_output
-from fsclip.cli._common import add_model_options, nonnegative_int, positive_int
+from fsclip.cli._common import add_model_options, nonnegative_int, parse_options, positive_int
 
 DEFAULT_ROOT = os.environ.get("FSCLIP_DATA", "data")
 
@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
 
     zs = tasks.add_parser("zeroshot", help="zero-shot classification on a dataset's test split")
     _add_run_options(zs)
-    zs.set_defaults(func=run_tasks, task="zeroshot")
+    zs.set_defaults(func=run_tasks, task="zeroshot", data_parallel=True)
 
     fs = tasks.add_parser("fewshot", help="CoOp few-shot protocol: methods x shots x seeds",
                           description="K images per class from train (seeded), min(K, 4) per class for validation, "
@@ -34,11 +34,11 @@ def add_parser(sub) -> None:
     fs.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
     fs.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="adapter option, e.g. iters=200 or lr=1e-4 (value read as JSON if it parses); repeatable")
-    fs.set_defaults(func=run_tasks, task="fewshot")
+    fs.set_defaults(func=run_tasks, task="fewshot", data_parallel=True)
 
     rt = tasks.add_parser("retrieval", help="image-text retrieval R@1/5/10 on a captioned dataset")
     _add_run_options(rt)
-    rt.set_defaults(func=run_tasks, task="retrieval")
+    rt.set_defaults(func=run_tasks, task="retrieval", data_parallel=True)
 
     rp = tasks.add_parser("report", help="tables (Markdown, CSV) and plots from result files",
                           description="Read result JSON files (or folders of them) and print Markdown tables; "
@@ -66,21 +66,6 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["table", "json"], default="table", help="table or JSON Lines on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
     add_model_options(p)
-
-
-def _parse_options(items: list[str]) -> dict:
-    from fsclip.errors import UsageError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--option takes KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def _headline(record: dict) -> str:
@@ -114,7 +99,7 @@ def run_tasks(args) -> int:
             if m != AUTO:
                 get_adapter(m)
     specs = plan_runs(args.task, args.model, args.dataset, methods, getattr(args, "shots", ()),
-                      getattr(args, "seeds", ()), args.templates, _parse_options(getattr(args, "option", [])))
+                      getattr(args, "seeds", ()), args.templates, parse_options(getattr(args, "option", [])))
     outcomes = run_all(
         specs, args.root, args.out, skip_existing=args.skip_existing, batch_size=args.batch_size,
         load_backend=lambda spec: load_model(spec, device=args.device, dtype=args.dtype, runtime=args.runtime),

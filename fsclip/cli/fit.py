@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fsclip.cli._common import add_model_options, nonnegative_int, positive_float, positive_int
+from fsclip.cli._common import add_model_options, nonnegative_int, parse_options, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
         "fit", help="few-shot adapt a model to labelled images (one sub-folder per class)",
         description="Fit a few-shot adapter on an ImageFolder (train/<class>/<image>; '_' in folder names reads "
                     "as a space) within a compute budget (--budget; the plan is printed before the work), compare "
-                    "it with zero-shot on a validation split used for nothing else, and save it to --out.",
+                    "it with zero-shot on a validation split used for nothing else, and save it to --out. Under "
+                    "torchrun or accelerate launch the fit is data-parallel over the ranks (docs/SCALING.md).",
     )
     p.add_argument("train", type=Path, help="training folder: one sub-folder of images per class")
     p.add_argument("--out", type=Path, required=True, help="adapter folder to write (written atomically)")
@@ -39,12 +40,15 @@ def add_parser(sub) -> None:
                         "it, --iters/--epochs win over it (default: 3m on CPU, 30m on a GPU)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="random horizontal flips in augmentation (--no-flip where mirroring changes meaning)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any option of the method's config, e.g. rank=8, dropout=0 or views=20 (value read as JSON "
+                        "if it parses); repeatable")
     p.add_argument("--merge", type=Path, default=None, metavar="DIR",
                    help="LoRA only: also write the base model with the update merged in, loadable as --model DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --merge) folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
     add_model_options(p)
-    p.set_defaults(func=run, batch_size=None)
+    p.set_defaults(func=run, batch_size=None, data_parallel=True)
 
 
 def _options(args, method: str) -> dict:
@@ -61,7 +65,8 @@ def _options(args, method: str) -> dict:
             flags = ", ".join("--" + k.replace("_", "-") for k in dropped)
             logging.getLogger("fsclip.cli.fit").warning("%s: not an option of method %s; ignored", flags, method)
         given = {k: v for k, v in given.items() if k in fields}
-    return {"templates": args.templates, "seed": args.seed, **given}
+    # --option names a config field outright: an unknown one is an error (for auto: dropped once it has chosen)
+    return {"templates": args.templates, "seed": args.seed, **given, **parse_options(args.option)}
 
 
 @contextlib.contextmanager
@@ -139,6 +144,7 @@ def run(args) -> int:
     from fsclip.adapters import AUTO, fit, get_adapter, holdout_split, parse_duration
     from fsclip.backends import load_model
     from fsclip.data import load_image_folder, sample_shots
+    from fsclip.distributed import world
     from fsclip.errors import UsageError
     from fsclip.prompts_io import load_templates
 
@@ -154,6 +160,11 @@ def run(args) -> int:
     load_templates(args.templates)  # a bad set or file fails now, not after training
     _check_paths(args)
     options = _options(args, args.method)
+    reserved = sorted(set(options) & {"advisor", "budget", "config", "method", "progress", "val"})
+    if reserved:  # fit()'s own parameters, not a method's options
+        key = reserved[0]
+        hint = f"; use --{key}" if key in ("budget", "method", "val") else ""
+        raise UsageError(f"--option {key}: not an option of a method{hint}")
     data = load_image_folder(args.train)
     if args.val is not None:
         val = load_image_folder(args.val, classes=list(data.classes))
@@ -195,6 +206,8 @@ def run(args) -> int:
           f"-> {ece['calibrated']:.3f}{crossfit}")
     print(f"fit time: {m['budget']['fit_seconds']:.1f} s (budget: "
           f"{'none' if m['budget']['seconds'] is None else str(round(m['budget']['seconds'])) + ' s'})")
+    if not world.is_main():  # data-parallel: every rank holds the same adapter; the main process writes it
+        return 0
     adapter.save(args.out, overwrite=args.overwrite)
     print(f"saved {args.out}/  (use it: fsclip predict IMAGES --adapter {args.out})")
     if args.merge is not None:
