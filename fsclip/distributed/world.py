@@ -31,6 +31,7 @@ __all__ = [
     "broadcast",
     "device",
     "gather",
+    "gather_results",
     "is_local_main",
     "is_main",
     "launch_rank",
@@ -193,16 +194,16 @@ def raised_on_every_rank(error: BaseException) -> bool:
     return getattr(error, "fsclip_every_rank", False)
 
 
-def map_parts(n: int, fn: Callable[[range], R]) -> list[R]:
-    """`fn` on this rank's part of `range(n)`; every rank's result, in rank order, on every rank.
+def gather_results(fn: Callable[[], R]) -> list[R]:
+    """`fn()` on this rank; every rank's result, in rank order, on every rank.
 
     An `FsclipError` on any rank (an unreadable image in its part) is raised on every rank, once all
-    have finished their part, so they stop together instead of waiting for each other.
+    have finished their work, so they stop together instead of waiting for each other.
     """
     if size() == 1:
-        return [fn(range(n))]
+        return [fn()]
     try:
-        result, error = fn(part(n)), None
+        result, error = fn(), None
     except FsclipError as e:
         result, error = None, (type(e), str(e))
     gathered = gather((result, error))
@@ -212,6 +213,12 @@ def map_parts(n: int, fn: Callable[[range], R]) -> list[R]:
             exc.fsclip_every_rank = True
             raise exc
     return [result for result, _ in gathered]
+
+
+def map_parts(n: int, fn: Callable[[range], R]) -> list[R]:
+    """`fn` on this rank's part of `range(n)`; every rank's result, in rank order, on every rank
+    (errors as in `gather_results`)."""
+    return gather_results(lambda: fn(part(n)))
 
 
 def _checksum(params: dict[str, nn.Parameter]) -> str:

@@ -4,6 +4,9 @@ Few-shot follows CoOp: K images per class drawn from the train split with the ru
 min(K, 4) per class for validation drawn from the val split (or, for datasets without one such as
 ImageNet, from the train images not drawn as shots; a class with fewer validation images gives all it
 has, as in CoOp); evaluation on the full test split.
+
+Under torchrun / accelerate launch `run_all` spreads the runs over the ranks (each run in one
+process), after the ranks have encoded the evaluation splits together.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 from fsclip._version import __version__
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages, sample_shots
+from fsclip.distributed import world
 from fsclip.errors import DataError
 from fsclip.evaluation.datasets import CaptionData, ClassificationData, load_dataset
 from fsclip.evaluation.features import split_features
@@ -83,10 +87,18 @@ def _classification_record(spec, backend, data: ClassificationData, probs, targe
     return record
 
 
+def _evaluated_images(data: ClassificationData | CaptionData) -> tuple[list, str]:
+    """The images a run encodes with the base model, and the tag of their feature cache."""
+    if isinstance(data, CaptionData):
+        return list(data.paths), f"{data.name}-images"
+    return list(data.test.paths), f"{data.name}-test"
+
+
 def _test_features(backend: Backend, data: ClassificationData, batch_size: int, progress: bool):
     if len(data.test) == 0:  # a metric over no images would read as 0% accuracy, not as the mistake it is
         raise DataError(f"dataset {data.name!r} has an empty test split ({data.source})")
-    feats = split_features(backend, data.test.paths, f"{data.name}-test", batch_size=batch_size, progress=progress)
+    paths, tag = _evaluated_images(data)
+    feats = split_features(backend, paths, tag, batch_size=batch_size, progress=progress)
     if len(feats.indices) == 0:
         path, why = feats.errors[0]
         raise DataError(f"dataset {data.name!r}: none of the {len(data.test)} test images could be read "
@@ -139,7 +151,8 @@ def run_fewshot(spec: RunSpec, backend: Backend, data: ClassificationData, batch
 def run_retrieval(spec: RunSpec, backend: Backend, data: CaptionData, batch_size: int = 32,
                   progress: bool = False) -> dict[str, Any]:
     start = time.perf_counter()
-    feats = split_features(backend, data.paths, f"{data.name}-images", batch_size=batch_size, progress=progress)
+    paths, tag = _evaluated_images(data)
+    feats = split_features(backend, paths, tag, batch_size=batch_size, progress=progress)
     if len(feats.indices) == 0:
         raise DataError(f"dataset {data.name!r}: no readable captioned images ({data.source})")
     position = {int(i): n for n, i in enumerate(feats.indices.tolist())}  # image index -> feature row
@@ -195,6 +208,10 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
 
     With `skip_existing`, a run whose result file exists is kept when it was made with the same model
     weights (fingerprint); a result from other weights under the same spec is run again.
+
+    Under torchrun / accelerate launch the ranks first encode each evaluated split together (a part
+    each, into the feature cache), then run i goes to rank i mod the number of ranks, in one process,
+    and that rank writes its result file. Every rank returns every outcome, in the order of `specs`.
     """
     if load_backend is None:
         from fsclip.backends import load_model as load_backend
@@ -206,18 +223,50 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
             backends[spec.model] = load_backend(spec.model)
         return backends[spec.model]
 
-    outcomes = []
-    for spec in tqdm(specs, desc="runs", unit="run", disable=None if progress and len(specs) > 1 else True):
-        existing = find_result(out_dir, spec) if skip_existing else None
-        if existing is not None and backend(spec).matches_fingerprint(existing["model"]["fingerprint"]):
-            logger.info("%s: already done, skipped", spec.run_id)
-            outcomes.append(RunOutcome(spec, Path(out_dir) / f"{spec.run_id}.json", existing, True))
-            continue
-        if existing is not None:
-            logger.warning("%s: result was made with other weights of %s (fingerprint %s, now %s); running again",
-                           spec.run_id, spec.model, existing["model"]["fingerprint"], backend(spec).fingerprint)
+    def dataset(spec: RunSpec) -> ClassificationData | CaptionData:
         if spec.dataset not in datasets:
             datasets[spec.dataset] = load_dataset(spec.dataset, root, DATASET_TASK[spec.task])
-        outcomes.append(run_one(spec, backend(spec), datasets[spec.dataset], out_dir, batch_size, progress))
+        return datasets[spec.dataset]
+
+    def done(spec: RunSpec, warn: bool = True) -> dict[str, Any] | None:
+        existing = find_result(out_dir, spec) if skip_existing else None
+        if existing is not None and not backend(spec).matches_fingerprint(existing["model"]["fingerprint"]):
+            if warn:
+                logger.warning("%s: result was made with other weights of %s (fingerprint %s, now %s); running again",
+                               spec.run_id, spec.model, existing["model"]["fingerprint"], backend(spec).fingerprint)
+            return None
+        return existing
+
+    def run(spec: RunSpec) -> RunOutcome:
+        existing = done(spec)
+        if existing is not None:
+            logger.info("%s: already done, skipped", spec.run_id)
+            return RunOutcome(spec, Path(out_dir) / f"{spec.run_id}.json", existing, True)
+        outcome = run_one(spec, backend(spec), dataset(spec), out_dir, batch_size, progress)
         logger.info("%s: done", spec.run_id)
-    return outcomes
+        return outcome
+
+    if world.size() == 1:
+        return [run(spec) for spec in tqdm(specs, desc="runs", unit="run",
+                                           disable=None if progress and len(specs) > 1 else True)]
+    def needed() -> list[tuple[str, str]]:  # (model, dataset) pairs some run needs, each loaded here
+        pairs = [(s.model, s.dataset) for s in specs if done(s, warn=False) is None]
+        for s in specs:
+            if (s.model, s.dataset) in pairs:
+                backend(s)
+                dataset(s)
+        return list(dict.fromkeys(pairs))
+
+    # the evaluated images of each, encoded once, a part per rank (a loading error stops every rank)
+    for pair in world.gather_results(needed)[0]:
+        spec = next(s for s in specs if (s.model, s.dataset) == pair)
+        paths, tag = _evaluated_images(dataset(spec))
+        if paths:
+            split_features(backend(spec), paths, tag, batch_size=batch_size, progress=progress)
+    rank, ranks = world.rank(), world.size()
+
+    def my_runs() -> list[tuple[int, RunOutcome]]:
+        with world.alone():  # each run in one process
+            return [(i, run(spec)) for i, spec in enumerate(specs) if i % ranks == rank]
+
+    return [outcome for _, outcome in sorted(pair for mine in world.gather_results(my_runs) for pair in mine)]
