@@ -144,7 +144,7 @@ def run(args) -> int:
 
     if args.method != AUTO:
         method = get_adapter(args.method)  # unknown names fail here, before any loading
-        if args.runtime != "torch" and not method.frozen_backbone:
+        if args.runtime != "torch" and (method.trains_text or not method.frozen_backbone):
             raise UsageError(f"--method {args.method} trains the towers, which needs --runtime torch "
                              f"(runtime {args.runtime} is for inference)")
     if args.budget is not None:
