@@ -29,6 +29,7 @@ from fsclip.adapters import linear_probe as _linear_probe  # noqa: F401  (regist
 from fsclip.adapters import lora as _lora  # noqa: F401  (registers)
 from fsclip.adapters import partial_ft as _partial_ft  # noqa: F401  (registers)
 from fsclip.adapters import prolip as _prolip  # noqa: F401  (registers)
+from fsclip.adapters import prototype as _prototype  # noqa: F401  (registers)
 from fsclip.adapters import tip_adapter as _tip_adapter  # noqa: F401  (registers)
 from fsclip.adapters import tip_adapter_f as _tip_adapter_f  # noqa: F401  (registers)
 from fsclip.adapters._budget import (
@@ -70,6 +71,7 @@ __all__ = [
     "load_adapter",
     "parse_duration",
     "register_adapter",
+    "runnable_methods",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +88,11 @@ def _config(cls: type[Adapter], config: AdapterConfig | None, overrides: dict[st
             logger.warning("method %s has no option(s) %s; ignored", cls.name, ", ".join(dropped))
         overrides = {k: v for k, v in overrides.items() if k in config.fields()}
     return config.with_options(**overrides) if overrides else config
+
+
+def runnable_methods(backend: Backend) -> list[str]:
+    """The registered methods that can run on `backend` with their default config (e.g. no text tower)."""
+    return [m for m in list_adapters() if get_adapter(m).unsupported(backend) is None]
 
 
 def fit(
@@ -140,7 +147,8 @@ def fit(
     cls = get_adapter(method)
     cfg = _config(cls, config, overrides, lenient=advice is not None)
     if cls.needs_text(cfg) and not getattr(backend, "has_text", True):
-        raise AdapterError(f"method {method} needs a text tower, and {backend.spec!r} has none")
+        raise AdapterError(f"method {method} needs a text tower (class-name prompts), and {backend.spec!r} has "
+                           f"none; methods for image-only models: {', '.join(runnable_methods(backend))}")
     # the base model's validation features (for the zero-shot comparison) now: cached, their cost is
     # counted before any schedule is planned, and frozen-feature adapters read them from the cache later
     encode_items(backend, val.paths, progress=progress, what="validation image")

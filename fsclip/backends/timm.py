@@ -155,9 +155,11 @@ class TimmBackend(Backend):
         return self.model
 
     def image_blocks(self) -> list[nn.Module]:
-        # timm records each reduction stage (CNNs) or block (ViTs) in `feature_info`, first to last
+        # timm records each reduction stage (CNNs) or block (ViTs) in `feature_info`, first to last;
+        # a CNN's first entry is often the stem's activation, which holds no weights and is no stage
         names = [info["module"] for info in getattr(self.model, "feature_info", [])]
         blocks = [self.model.get_submodule(n) for n in names if n]
+        blocks = [b for b in blocks if next(b.parameters(), None) is not None]
         if not blocks:
             raise UsageError(f"model {self.spec!r} ({type(self.model).__name__}) does not list its stages")
         return blocks
