@@ -297,12 +297,13 @@ class LoraAdapter(Adapter):
         result = run_training(params=params, optimizer=opt, batches=batches, loss_fn=loss_fn, schedule=schedule,
                               budget=budget, model=own.model, evaluate=evaluate, eval_every=config.eval_every,
                               patience=config.patience, keep_best=config.keep_best, desc="lora", progress=progress)
+        result.schedule["steps_per_epoch"] = len(batches)
         return result, evaluate
 
     @staticmethod
     def _finish(adapter: LoraAdapter, result, evaluate, config: LoraAdapterConfig) -> LoraAdapter:
         adapter.train_result = {"best_step": result.best_step, "steps_run": result.steps, "schedule": result.schedule,
-                                "history": result.history}
+                                "steps_per_epoch": result.schedule.pop("steps_per_epoch"), "history": result.history}
         if evaluate is not None and config.validates:
             adapter.validation_uses.append("early stopping" if config.patience else "choosing the best step")
         return adapter
