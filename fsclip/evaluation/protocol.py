@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from fsclip._version import __version__
 from fsclip.backends import Backend
+from fsclip.backends.base import no_text_tower
 from fsclip.data import LabeledImages, sample_shots
-from fsclip.errors import DataError
+from fsclip.errors import DataError, UsageError
 from fsclip.evaluation.datasets import CaptionData, ClassificationData, load_dataset
 from fsclip.evaluation.features import split_features
 from fsclip.evaluation.metrics import classification_metrics, retrieval_metrics
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 # the kind of dataset each task reads
 DATASET_TASK = {"zeroshot": "classification", "fewshot": "classification", "retrieval": "retrieval"}
+TEXT_TASKS = ("zeroshot", "retrieval")  # tasks that need a text tower
 
 
 def _sample_up_to(data: LabeledImages, per_class: int, seed: int) -> LabeledImages:
@@ -216,6 +218,9 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
         if existing is not None:
             logger.warning("%s: result was made with other weights of %s (fingerprint %s, now %s); running again",
                            spec.run_id, spec.model, existing["model"]["fingerprint"], backend(spec).fingerprint)
+        if spec.task in TEXT_TASKS and not backend(spec).has_text:
+            raise UsageError(no_text_tower(spec.model, f"{spec.task} needs one; evaluate it with `fsclip eval "
+                                                       "fewshot`"))
         if spec.dataset not in datasets:
             datasets[spec.dataset] = load_dataset(spec.dataset, root, DATASET_TASK[spec.task])
         outcomes.append(run_one(spec, backend(spec), datasets[spec.dataset], out_dir, batch_size, progress))
