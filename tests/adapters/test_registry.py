@@ -11,7 +11,8 @@ from fsclip.adapters import fit, get_adapter, list_adapters, list_methods, regis
 from fsclip.adapters.config import AdapterConfig
 from fsclip.errors import UsageError
 
-METHODS = ["clap", "coop", "full-ft", "linear-probe", "lora", "partial-ft", "prolip", "tip-adapter", "tip-adapter-f"]
+METHODS = ["clap", "coop", "full-ft", "linear-probe", "lora", "partial-ft", "prolip", "prototype", "scratch", "tip-adapter",
+           "tip-adapter-f"]
 
 
 def test_list_adapters_is_derived_from_the_registry():
