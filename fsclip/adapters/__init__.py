@@ -33,6 +33,8 @@ from fsclip.adapters import linear_probe as _linear_probe  # noqa: F401  (regist
 from fsclip.adapters import lora as _lora  # noqa: F401  (registers)
 from fsclip.adapters import partial_ft as _partial_ft  # noqa: F401  (registers)
 from fsclip.adapters import prolip as _prolip  # noqa: F401  (registers)
+from fsclip.adapters import prototype as _prototype  # noqa: F401  (registers)
+from fsclip.adapters import scratch as _scratch  # noqa: F401  (registers)
 from fsclip.adapters import tip_adapter as _tip_adapter  # noqa: F401  (registers)
 from fsclip.adapters import tip_adapter_f as _tip_adapter_f  # noqa: F401  (registers)
 from fsclip.adapters._budget import (
@@ -44,6 +46,7 @@ from fsclip.adapters._budget import (
     resolve_budget,
 )
 from fsclip.adapters._calibration import expected_calibration_error, fit_temperature
+from fsclip.adapters._compare import SHARED_OPTIONS, compare
 from fsclip.adapters._costs import measure_costs
 from fsclip.adapters._data import check_pair, check_trainable, holdout_split
 from fsclip.adapters._features import encode_items
@@ -75,6 +78,7 @@ __all__ = [
     "load_adapter",
     "parse_duration",
     "register_adapter",
+    "runnable_methods",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +97,11 @@ def _config(cls: type[Adapter], config: AdapterConfig | None, overrides: dict[st
     return config.with_options(**overrides) if overrides else config
 
 
+def runnable_methods(backend: Backend) -> list[str]:
+    """The registered methods that can run on `backend` with their default config (e.g. no text tower)."""
+    return [m for m in list_adapters() if get_adapter(m).unsupported(backend) is None]
+
+
 def fit(
     backend: Backend,
     train: LabeledImages,
@@ -103,6 +112,7 @@ def fit(
     budget: Budget | str | float | None = None,
     advisor: AdvisorConfig | None = None,
     progress: bool = False,
+    compare_scratch: bool = False,
     **overrides: Any,
 ) -> Adapter:
     """Fit a few-shot adapter within a compute budget; `backend` itself is never modified.
@@ -120,6 +130,10 @@ def fit(
             `iters` / `epochs` / `views` win over it.
         advisor: thresholds of the strategy matrix for `auto`.
         progress: progress bars on stderr (periodic log lines on `PLAN_LOGGER` when not a terminal).
+        compare_scratch: afterwards, train the same architecture from random initialisation (`scratch`)
+            on the same images with the same augmentation, seed and budget, and report both validation
+            accuracies and curves in `adapter.metrics["scratch_comparison"]` (the playbook's "transfer
+            or scratch?" test); the fit then takes up to twice the budget.
         **overrides: config fields to change, e.g. `iters=200, lr=1e-4`; an unknown one is an error.
 
     Raises:
@@ -144,8 +158,17 @@ def fit(
         overrides = {**overrides, **advice.options}
     cls = get_adapter(method)
     cfg = _config(cls, config, overrides, lenient=advice is not None)
+    if compare_scratch and "val_curve" in cfg.fields():
+        cfg = cfg.with_options(val_curve=True)
     if cls.needs_text(cfg) and not getattr(backend, "has_text", True):
-        raise AdapterError(f"method {method} needs a text tower, and {backend.spec!r} has none")
+        raise AdapterError(f"method {method} needs a text tower (class-name prompts), and {backend.spec!r} has "
+                           f"none; methods for image-only models: {', '.join(runnable_methods(backend))}")
+    if world.size() > 1 and (getattr(cfg, "batch_norm", None) == "train" or compare_scratch) \
+            and _has_batch_norm(backend):
+        # each rank would estimate the statistics on its part of the batch (torch's SyncBatchNorm is GPU-only)
+        raise UsageError(f"{'--compare-scratch' if compare_scratch else f'{method} with batch_norm=train'} trains "
+                         f"the batch-norm statistics of {backend.spec!r}, which data-parallel ranks cannot share; "
+                         "run it in one process")
     # the base model's validation features (for the zero-shot comparison) now: cached, their cost is
     # counted before any schedule is planned, and frozen-feature adapters read them from the cache later
     encode_items(backend, val.paths, progress=progress, what="validation image")
@@ -161,7 +184,20 @@ def fit(
     adapter.metrics["budget"] = {"seconds": None if not budget.limited else budget.seconds,
                                  "fit_seconds": round(fitted, 2), "total_seconds": round(budget.elapsed(), 2)}
     plan_log.info("fit done in %s (budget %s)", format_seconds(budget.elapsed()), budget.describe())
+    if compare_scratch:
+        plan_log.info("compare with scratch: the same architecture from random initialisation, same images, "
+                      "augmentation, seed and budget (%s)", budget.describe())
+        shared = {k: v for k, v in {**overrides, "seed": cfg.seed}.items() if k in SHARED_OPTIONS}
+        scratch = fit(backend, train, "scratch", val=val, budget=budget.seconds, progress=progress, val_curve=True,
+                      **shared)
+        adapter.metrics["scratch_comparison"] = compare(adapter, scratch)
     return adapter
+
+
+def _has_batch_norm(backend: Backend) -> bool:
+    model = getattr(backend, "model", None)
+    return isinstance(model, torch.nn.Module) and any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _crossfit_ece(logits: torch.Tensor, y: torch.Tensor) -> float | None:

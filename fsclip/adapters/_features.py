@@ -239,28 +239,33 @@ class FeatureData:
     """Everything a frozen-feature method fits on: cached training features and the zero-shot classifier.
 
     `val` / `val_targets` are empty when built by `build`: methods choose from the training images
-    only (cross-validation), and the validation images stay for the reported accuracy.
+    only (cross-validation), and the validation images stay for the reported accuracy. `text` is None
+    for a model without a text tower (image-only backbones), whose logit scale is then 1.
     """
 
     train: torch.Tensor  # (N, D) normalised
     train_targets: torch.Tensor  # (N,) int64
     val: torch.Tensor  # (M, D)
     val_targets: torch.Tensor  # (M,)
-    text: torch.Tensor  # (C, D) zero-shot class embeddings, normalised
+    text: torch.Tensor | None  # (C, D) zero-shot class embeddings, normalised; None without a text tower
     logit_scale: float
 
     @property
     def num_classes(self) -> int:
-        return self.text.shape[0]
+        if self.text is not None:
+            return self.text.shape[0]
+        return int(self.train_targets.max()) + 1  # every class has training images (`check_trainable`)
 
     @classmethod
     def build(cls, backend: Backend, train: LabeledImages, templates, progress: bool = False,
               batch_size: int = 32) -> FeatureData:
+        has_text = backend.has_text
         return cls(
             train=encode_items(backend, train.paths, progress=progress, batch_size=batch_size, what="training image"),
             train_targets=torch.tensor(train.targets, dtype=torch.long),
             val=torch.empty(0, backend.embed_dim),
             val_targets=torch.empty(0, dtype=torch.long),
-            text=build_text_classifier(backend, train.classes, load_templates(templates)).float().cpu(),
-            logit_scale=backend.logit_scale,
+            text=build_text_classifier(backend, train.classes, load_templates(templates)).float().cpu()
+            if has_text else None,
+            logit_scale=backend.logit_scale if has_text else 1.0,
         )

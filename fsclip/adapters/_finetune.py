@@ -1,14 +1,21 @@
 """Fine-tuning of the image tower under a classification head fitted first (LP-FT).
 
-The head starts as a linear probe on the frozen features (itself anchored on the zero-shot text
-classifier), so step 0 is already the probe and training only has to improve on it; with
-`probe_init=False` it starts as the zero-shot classifier. The practices of the transfer-learning
-playbook: discriminative learning rates (head highest, then each block lower than the one above it,
-the stem lowest), optional gradual unfreezing from the top down, augmentation (random resized crop,
-optional flip), weight decay; early stopping on validation with the best checkpoint restored when asked
-for (`patience`, `keep_best`: it spends the validation images on choosing a step). 30 epochs by
-default, cut to the compute budget. The text tower stays frozen; batch-norm statistics (ResNet towers)
-stay the pretrained ones, since few-shot batches cannot estimate them.
+The head starts as a linear probe on the frozen features (anchored on the zero-shot text classifier
+where the model has a text tower), so step 0 is already the probe and training only has to improve on
+it; with `probe_init=False` it starts as the zero-shot classifier, or, without a text tower, as a new
+randomly initialised linear layer. The practices of the transfer-learning playbook: discriminative
+learning rates (head highest, then each block lower than the one above it, the stem lowest), optional
+gradual unfreezing from the top down, augmentation (random resized crop, optional flip), weight decay;
+early stopping on validation with the best checkpoint restored when asked for (`patience`,
+`keep_best`: it spends the validation images on choosing a step). 30 epochs by default, cut to the
+compute budget. The text tower stays frozen. "Blocks" are the backend's `image_blocks()`: transformer
+blocks, or a CNN's stages (timm's feature stages, a transformers encoder's stages).
+
+Batch norm (CNNs): layers in frozen stages always keep their pretrained statistics; by default the
+trained stages keep them too (`batch_norm="frozen"`: a few-shot batch cannot estimate them, and
+re-estimating them shifts every feature under a head fitted on the old ones), while their affine
+weights train; `batch_norm="train"` lets the trained stages normalise with batch statistics and
+re-estimate their running statistics, for large data from a different domain.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +64,10 @@ class FineTuneConfig(TrainingConfig):
         layer_decay: learning-rate factor per block going down from the top (discriminative rates).
         gradual_unfreeze: start with the backbone frozen and unfreeze one more block per epoch, top down.
         probe_init: start the head from a linear probe fitted on the frozen features (LP-FT), not from
-            the zero-shot classifier; see `FineTuneAdapter.fit`.
+            the zero-shot classifier (or, without a text tower, a random one); see `FineTuneAdapter.fit`.
+        batch_norm: "frozen": every batch-norm layer keeps its pretrained statistics; "train": those in
+            the trained stages use batch statistics and re-estimate their running statistics (frozen
+            stages keep theirs either way).
     """
 
     lr: float = 1e-4
@@ -65,6 +75,7 @@ class FineTuneConfig(TrainingConfig):
     layer_decay: float = 0.7
     gradual_unfreeze: bool = False
     probe_init: bool = True
+    batch_norm: Literal["frozen", "train"] = "frozen"
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,6 +84,7 @@ class FineTuneConfig(TrainingConfig):
         check_field(isinstance(self.gradual_unfreeze, bool), "gradual_unfreeze", self.gradual_unfreeze,
                     "true or false")
         check_field(isinstance(self.probe_init, bool), "probe_init", self.probe_init, "true or false")
+        check_field(self.batch_norm in ("frozen", "train"), "batch_norm", self.batch_norm, "frozen or train")
 
 
 def param_groups(head: nn.Module, units: list[tuple[str, dict[str, nn.Parameter]]],
@@ -103,6 +115,8 @@ def _initial_head(backend: Backend, train: LabeledImages, val: LabeledImages, co
     head has learnt anything; a probe fitted first avoids that (LP-FT, Kumar et al. 2022), and the
     probe costs no encoding when its features are cached.
     """
+    if not config.probe_init and not backend.has_text:  # nothing to start from: a new layer, as in a head swap
+        return nn.Linear(backend.embed_dim, len(train.classes))
     if config.probe_init:
         from fsclip.adapters.linear_probe import LinearProbe, LinearProbeConfig
 
@@ -119,22 +133,36 @@ def _initial_head(backend: Backend, train: LabeledImages, val: LabeledImages, co
     return head
 
 
+def _batch_norms(model: nn.Module, trained: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
+    """The batch-norm layers (by name) whose affine weights are among `trained`."""
+    ids = {id(p) for p in trained.values()}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and id(m.weight) in ids}
+
+
 class FineTuneAdapter(Adapter):
-    """Base of `partial-ft` and `full-ft`: they differ only in how many blocks they train."""
+    """Base of `partial-ft`, `full-ft` and `scratch`: they differ in how many blocks they train and in
+    where training starts (`starting_point`)."""
 
     frozen_backbone = False
+    default_epochs: ClassVar[int] = DEFAULT_EPOCHS
+
+    @classmethod
+    def needs_text(cls, config: FineTuneConfig) -> bool:
+        return False  # without a text tower the head starts from a probe without prior, or a new layer
 
     @classmethod
     def default_seconds(cls, costs: Costs) -> float:
         batch = min(cls.config_class.batch_size, costs.images)
-        steps = DEFAULT_EPOCHS * -(-costs.images // batch)
+        steps = cls.default_epochs * -(-costs.images // batch)
         return costs.images * costs.image_seconds + steps * costs.train_step(batch, 0)
 
     def __init__(self, backend: Backend, classes: Sequence[str], config: FineTuneConfig, head: nn.Linear,
-                 trained: list[str], base: BaseModel):
+                 trained: list[str], base: BaseModel, feature_scale: float = 1.0):
         super().__init__(backend, classes, config, base)
         self.head = head
-        self.trained = trained  # names of the backbone parameters this adapter changed
+        self.trained = trained  # names of the backbone tensors this adapter changed (weights, norm statistics)
+        self.feature_scale = feature_scale  # the head reads feature_scale x the normalised features
         self.train_result: dict[str, Any] = {}
 
     @classmethod
@@ -147,17 +175,24 @@ class FineTuneAdapter(Adapter):
         return cls.blocks_to_train(config, n_blocks) == n_blocks
 
     @classmethod
+    def starting_point(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: FineTuneConfig,
+                       selection: dict) -> tuple[Backend, nn.Linear, float]:
+        """The private model copy to train, the head it starts with, and the scale of the features the head
+        reads: the pretrained weights under a probe (or zero-shot) head on the normalised features."""
+        return trainable_copy(backend), _initial_head(backend, train, val, config, selection), 1.0
+
+    @classmethod
     def fit(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: FineTuneConfig,
             progress: bool = False, budget: Budget | None = None) -> FineTuneAdapter:
         budget = budget or Budget(float("inf"))
         base = BaseModel.of(backend)
-        own = trainable_copy(backend)
+        selection: dict[str, Any] = {}
+        own, head, feature_scale = cls.starting_point(backend, train, val, config, selection)
+        head = head.to(own.device)
         parts = image_params(own)
         n_blocks = len(parts.blocks)
         k = cls.blocks_to_train(config, n_blocks)
         stem = cls.trains_stem(config, n_blocks)
-        selection: dict[str, Any] = {}
-        head = _initial_head(backend, train, val, config, selection).to(own.device)
 
         # units from the top down: projection head, last block, ..., first trained block, (stem)
         named_units = [("projection", parts.head),
@@ -169,10 +204,13 @@ class FineTuneAdapter(Adapter):
             for p in unit.values():
                 p.requires_grad_(True)
         groups = param_groups(head, named_units, config)
+        trained = {n: p for unit in units for n, p in unit.items()}
         trainable = {f"head.{n}": p for n, p in head.named_parameters()}
-        trainable.update({f"model.{n}": p for unit in units for n, p in unit.items()})
-        logger.info("%s: training %d of %d blocks%s and the head; %d parameters", cls.name, k, n_blocks,
-                    " and the stem" if stem else "", sum(p.numel() for p in trainable.values()))
+        trainable.update({f"model.{n}": p for n, p in trained.items()})
+        norms = _batch_norms(own.model, trained) if config.batch_norm == "train" else {}
+        logger.info("%s: training %d of %d blocks%s and the head; %d parameters%s", cls.name, k, n_blocks,
+                    " and the stem" if stem else "", sum(p.numel() for p in trainable.values()),
+                    f"; {len(norms)} batch-norm layers on batch statistics" if norms else "")
 
         def on_epoch(epoch: int) -> None:
             # epoch 0: heads only; then one more unit per epoch, top down
@@ -181,47 +219,50 @@ class FineTuneAdapter(Adapter):
                     p.requires_grad_(depth <= epoch)
 
         def loss_fn(pixels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(head(own.forward_images(pixels)).float(), y)
+            return F.cross_entropy(head(feature_scale * own.forward_images(pixels)).float(), y)
 
         evaluate = None
-        if config.validates:  # opt-in: spends the validation images on choosing a step
+        if config.validates or config.val_curve:  # the curve only reports; choosing a step spends the images
             val_pixels, val_y = preprocess_all(own, val, "validation image"), class_targets(val)
 
             def evaluate() -> tuple[float, float]:
-                return score(head(batched_features(own, val_pixels)), val_y)
+                return score(head(feature_scale * batched_features(own, val_pixels)), val_y)
 
         batches = ImageBatches(own, train, config.batch_size, config.crop_scale, config.flip, config.seed)
-        schedule = config.schedule(f"{cls.name} training", len(batches), DEFAULT_EPOCHS * len(batches))
+        schedule = config.schedule(f"{cls.name} training", len(batches), cls.default_epochs * len(batches))
         opt = torch.optim.AdamW(groups, lr=config.lr)
         result = run_training(params=trainable, optimizer=opt, batches=batches, loss_fn=loss_fn, schedule=schedule,
                               budget=budget, model=own.model, evaluate=evaluate,
                               eval_every=config.eval_every or len(batches), patience=config.patience,
                               keep_best=config.keep_best, on_epoch=on_epoch if config.gradual_unfreeze else None,
-                              desc=cls.name, progress=progress)
+                              desc=cls.name, progress=progress, norms=list(norms.values()))
         for p in own.model.parameters():
             p.requires_grad_(False)
         own.__dict__.pop("fingerprint", None)
         head.requires_grad_(False)
-        adapter = cls(own, train.classes, config, head, sorted(n for unit in units for n in unit), base)
+        statistics = [f"{n}.{b}" for n, m in norms.items() for b, _ in m.named_buffers(recurse=False)]
+        adapter = cls(own, train.classes, config, head, sorted([*trained, *statistics]), base, feature_scale)
         adapter.selection = selection
-        if evaluate is not None:
+        if config.validates:
             adapter.validation_uses.append("early stopping" if config.patience else "choosing the best step")
         adapter.train_result = {"best_step": result.best_step, "steps_run": result.steps, "schedule": result.schedule,
-                                "blocks_trained": k, "blocks": n_blocks,
+                                "steps_per_epoch": len(batches), "blocks_trained": k, "blocks": n_blocks,
+                                "batch_norm": config.batch_norm,
                                 "learning_rates": {g["name"]: g["initial_lr"] for g in groups}, "history": result.history}
         return adapter
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features.to(self.head.weight))  # (N, D) @ (D, C) + (C,) -> (N, C)
+        # (N, D) @ (D, C) + (C,) -> (N, C)
+        return self.head(self.feature_scale * features.to(self.head.weight))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        params = dict(self.backend.model.named_parameters())
+        tensors = self.backend.model.state_dict(keep_vars=True)
         out = {f"head.{n}": p for n, p in self.head.named_parameters()}
-        out.update({f"model.{n}": params[n] for n in self.trained})
+        out.update({f"model.{n}": tensors[n] for n in self.trained})
         return out
 
     def extra_state(self) -> dict[str, Any]:
-        return {"training": self.train_result}
+        return {"training": self.train_result, "feature_scale": self.feature_scale}
 
     @classmethod
     def from_state(cls, backend, classes, config, tensors, extra, base) -> FineTuneAdapter:
@@ -237,6 +278,6 @@ class FineTuneAdapter(Adapter):
         head = nn.Linear(weight.shape[1], weight.shape[0]).to(own.device)
         head.load_state_dict({"weight": weight, "bias": tensors["head.bias"]})
         head.requires_grad_(False)
-        adapter = cls(own, classes, config, head, sorted(model_sd), base)
+        adapter = cls(own, classes, config, head, sorted(model_sd), base, float(extra.get("feature_scale", 1.0)))
         adapter.train_result = extra.get("training", {})
         return adapter

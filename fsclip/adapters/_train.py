@@ -13,7 +13,7 @@ import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,7 +106,9 @@ def image_params(backend: Backend) -> ImageParams:
         model.zero_grad(set_to_none=True)
         try:
             with torch.enable_grad():
-                backend.forward_images(dummy).sum().backward()
+                out = backend.forward_images(dummy)
+                if out.requires_grad:  # else nothing after the last block has weights (a CNN's pooling)
+                    out.sum().backward()
         finally:
             if handle is not None:
                 handle.remove()
@@ -224,12 +226,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _train_mode(model: nn.Module) -> None:
+def _train_mode(model: nn.Module, norms: frozenset[int] = frozenset()) -> None:
     """Training mode (dropout, LoRA dropout on), except batch norm: its pretrained statistics are kept,
-    since few-shot batches cannot estimate them."""
+    since few-shot batches cannot estimate them; only the layers in `norms` (ids) use batch statistics."""
     model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in norms:
             m.eval()
 
 
@@ -252,6 +254,7 @@ def run_training(
     desc: str = "training",
     progress: bool = False,
     measure: int = 3,
+    norms: Sequence[nn.Module] = (),
 ) -> TrainResult:
     """The one optimisation loop of every method that trains: cosine-decayed, sized by the budget.
 
@@ -262,12 +265,14 @@ def run_training(
 
     Validation checks run only when `evaluate` is given (early stopping is opt-in: it spends the
     validation images on choosing a step). With `keep_best`, the weights end as those of the best
-    check, which may be the starting point.
+    check, which may be the starting point. Batch-norm layers keep their running statistics, except
+    those in `norms`, which train on batch statistics (training from scratch has none to keep).
 
     Data-parallel under a launcher: `loss_fn` runs on each rank's part of the batch inside DDP, and
     what decides the schedule (the measured step time, via `Schedule.plan`) and early stopping (the
     validation score) is rank 0's, so every rank runs the same steps.
     """
+    norm_ids = frozenset(id(m) for m in norms)
     total = {"steps": schedule.fixed or schedule.default}
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
@@ -285,7 +290,8 @@ def run_training(
             model.eval()
         with torch.no_grad():
             result = world.broadcast(evaluate())
-        history.append({"step": step, "val_accuracy": round(result[0], 4), "val_nll": round(-result[1], 4)})
+        history.append({"step": step, "val_accuracy": round(result[0], 4), "val_nll": round(-result[1], 4),
+                        "seconds": round(budget.elapsed(), 2)})
         logger.info("%s: step %d, validation accuracy %.3f, NLL %.3f", desc, step, result[0], -result[1])
         return result
 
@@ -309,7 +315,7 @@ def run_training(
                 on_epoch(epoch)
             inputs, targets, weight = next(it)
             if model is not None:
-                _train_mode(model)
+                _train_mode(model, norm_ids)
             with autocast(device):
                 loss = step_loss(inputs.to(device), targets.to(device), weight)
             optimizer.zero_grad(set_to_none=True)

@@ -12,6 +12,13 @@ accuracy: size is counted; similarity is zero-shot accuracy on the training imag
 saw their labels, so this is an honest estimate), as a fraction of the way from chance to perfect;
 separability is the cross-validated accuracy of a frozen linear probe on them.
 
+Without a text tower (image-only backbones) there is no zero-shot accuracy to measure, and no model
+card here gives the pretraining data's feature statistics to compare with, so the advice says it could
+not take either; the domain gap is read from the frozen probe alone. Small data: one image per class
+gets the training-free prototype classifier (nothing can be cross-validated); features a frozen probe
+separates (>= `separable_probe`) get a head on them, prototype or linear probe by cross-validation;
+otherwise partial fine-tuning (or LoRA where it fits the budget better). Medium and large data as above.
+
 Compute: a method is chosen only if its default schedule fits the budget on this device, estimated
 from a timed forward pass of the image and text towers (`Adapter.default_seconds`); when the matrix's
 choice does not fit, the next lighter strategy is taken and the advice says so.
@@ -105,13 +112,17 @@ def advise(backend: Backend, train: LabeledImages, templates="imagenet80", confi
 
     data = FeatureData.build(backend, train, templates, progress=progress)
     targets = data.train_targets
-    zs_acc = float(((data.train @ data.text.T).argmax(-1) == targets).float().mean())
-    above = (zs_acc - chance) / (1 - chance)
-    similar = above >= cfg.similar_zero_shot
-    m["zero-shot accuracy (training)"] = zs_acc
     m["chance accuracy"] = chance
-    m["zero-shot above chance"] = above
-    m["domain"] = "similar" if similar else "different"
+    if data.text is not None:
+        zs_acc = float(((data.train @ data.text.T).argmax(-1) == targets).float().mean())
+        above = (zs_acc - chance) / (1 - chance)
+        similar = above >= cfg.similar_zero_shot
+        m["zero-shot accuracy (training)"] = zs_acc
+        m["zero-shot above chance"] = above
+        m["domain"] = "similar" if similar else "different"
+    else:
+        m["zero-shot accuracy (training)"] = "not measured: the model has no text tower"
+        m["feature statistics vs pretraining"] = "not measured: the model card gives no pretraining feature statistics"
 
     costs = costs or measure_costs(backend, train, budget)
     m["device"] = str(backend.device)
@@ -126,6 +137,8 @@ def advise(backend: Backend, train: LabeledImages, templates="imagenet80", confi
         return _done(_choose(["partial-ft", "linear-probe"], backend, costs, budget, m,
                        f"medium data ({cfg.small_images} <= {n_train} < {cfg.large_images} images): keep the early "
                        "layers frozen and fine-tune the last blocks and the head"))
+    if data.text is None:
+        return _done(_small_image_only(backend, train, data, cfg, costs, budget, m, options or {}))
     if similar:
         advice = _choose(["clap", "linear-probe"], backend, costs, budget, m,
                          f"small data ({shots} image(s) per class) from a similar domain (zero-shot {above:.2f} of "
@@ -153,11 +166,41 @@ def advise(backend: Backend, train: LabeledImages, templates="imagenet80", confi
 
 
 HEADS = ("zero-shot", "linear-probe", "tip-adapter", "clap")  # ties go to the earlier: the closest to zero-shot
+IMAGE_ONLY_HEADS = ("prototype", "linear-probe")  # ties go to the training-free one
 CV_SHARE = 0.5  # of the budget left, for the cross-validated comparison of heads
 
 
+def _small_image_only(backend: Backend, train: LabeledImages, data: FeatureData, cfg: AdvisorConfig, costs: Costs,
+                      budget: Budget, m: dict[str, Any], options: dict[str, Any]) -> Advice:
+    """Small data on a model without a text tower: how well frozen features separate the classes is all
+    that measures the domain gap (a frozen probe, cross-validated on the training images)."""
+    shots = min(train.counts().values())
+    if shots < 2:
+        m["frozen probe accuracy (cross-validated)"] = "not measured: one image per class, nothing to cross-validate"
+        return _choose(["prototype", "linear-probe"], backend, costs, budget, m,
+                       "small data, one image per class, no text tower: nothing can be cross-validated and one "
+                       "image is too little to train on; nearest class mean on the frozen features (SimpleShot), "
+                       "training-free")
+    probe = LinearProbe.fit_features(backend, train.classes, data,
+                                     LinearProbeConfig(seed=options.get("seed", 0)))
+    probe_acc = probe.selection["cross-validation accuracy"][f"{probe.c:g}"]
+    m["frozen probe accuracy (cross-validated)"] = probe_acc
+    separable = probe_acc >= cfg.separable_probe
+    m["domain"] = "similar (frozen features separate the classes)" if separable else "different"
+    if separable:
+        advice = _choose(["linear-probe", "prototype"], backend, costs, budget, m,
+                         f"small data ({shots} image(s) per class) whose frozen features already separate the "
+                         f"classes (frozen probe {probe_acc:.2f} in cross-validation): keep the backbone frozen and "
+                         "put a new head on its features")
+        return _cross_validated_head(backend, train, data, advice, budget, options, IMAGE_ONLY_HEADS)
+    return _choose(["partial-ft", "lora", "linear-probe"], backend, costs, budget, m,
+                   f"small data ({shots} image(s) per class) that frozen features separate only to {probe_acc:.2f} "
+                   "(cross-validated probe): a domain further from the pretraining data; keep the early stages "
+                   "frozen and fine-tune the last ones with the head (partial fine-tuning)")
+
+
 def _cross_validated_head(backend: Backend, train: LabeledImages, data: FeatureData, advice: Advice, budget: Budget,
-                          options: dict[str, Any]) -> Advice:
+                          options: dict[str, Any], candidates: tuple[str, ...] = HEADS) -> Advice:
     """Which head on frozen features, chosen by stratified cross-validation on the training images.
 
     The frozen-feature heads differ most where the data is scarcest, and no rule picks the right one
@@ -171,8 +214,8 @@ def _cross_validated_head(backend: Backend, train: LabeledImages, data: FeatureD
     """
     targets = data.train_targets
     folds = stratified_folds(targets, fold_count(min(train.counts().values())), seed=options.get("seed", 0))
-    heads = [h for h in HEADS if h == "zero-shot" or (get_adapter(h).unsupported(backend) is None and (
-        h == advice.method or h in ("linear-probe", "tip-adapter")))]
+    heads = [h for h in candidates if h == "zero-shot" or (get_adapter(h).unsupported(backend) is None and (
+        h == advice.method or h in ("linear-probe", "tip-adapter", "prototype")))]
     start, cap = budget.elapsed(), budget.remaining() * CV_SHARE
     everything = torch.arange(len(targets))
 
@@ -210,8 +253,9 @@ def _cross_validated_head(backend: Backend, train: LabeledImages, data: FeatureD
         m[f"{head} accuracy (cross-validated)"] = round(sum(s[0] for s in per_fold[head]) / len(folds), 4)
     for head in skipped:
         m[f"{head} accuracy (cross-validated)"] = "not measured: the budget's share for it was spent"
-    how = (f"{advice.reason}; by {len(folds)}-fold cross-validation on the training images, the head closest "
-           f"to zero-shot within one standard error of the best: {best}")
+    simplest = "closest to zero-shot" if "zero-shot" in heads else "simplest"
+    how = (f"{advice.reason}; by {len(folds)}-fold cross-validation on the training images, the head {simplest} "
+           f"within one standard error of the best: {best}")
     method = "linear-probe" if best == "zero-shot" else best  # the probe without a C is the zero-shot classifier
     return Advice(method, how, m, advice.compute, options={"c_grid": ()} if best == "zero-shot" else {})
 

@@ -161,6 +161,7 @@ class Adapter(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[AdapterConfig]]
     frozen_backbone: ClassVar[bool] = True  # True: image features are the base model's (cacheable)
+    trains_text: ClassVar[bool] = False  # True: fitting backpropagates through the text tower
 
     def __init__(self, backend: Backend, classes: Sequence[str], config: AdapterConfig, base: BaseModel | None = None):
         self.backend = backend

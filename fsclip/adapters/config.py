@@ -87,6 +87,9 @@ class TrainingConfig(AdapterConfig):
         keep_best: end with the weights of the best validation check (else those of the last step).
             Validation checks run only with `keep_best` or `patience`: they spend the validation
             images on choosing a step, and the accuracy reported on them is then optimistic.
+        val_curve: also check the validation images along the way (`eval_every`) only to report the
+            accuracy curve (`training.history` in the metrics; `fit --compare-scratch`); nothing is
+            chosen on it.
         crop_scale: smallest area fraction of the random resized crop (1.0 disables cropping).
         flip: random horizontal flips (turn off where mirror images mean something else).
     """
@@ -99,6 +102,7 @@ class TrainingConfig(AdapterConfig):
     eval_every: int = 0
     patience: int = 0
     keep_best: bool = False
+    val_curve: bool = False
     crop_scale: float = 0.5
     flip: bool = True
 
@@ -116,6 +120,7 @@ class TrainingConfig(AdapterConfig):
         check_field(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
         check_field(isinstance(self.patience, int) and self.patience >= 0, "patience", self.patience, ">= 0")
         check_field(isinstance(self.keep_best, bool), "keep_best", self.keep_best, "true or false")
+        check_field(isinstance(self.val_curve, bool), "val_curve", self.val_curve, "true or false")
         check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
         check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
 

@@ -153,6 +153,7 @@ class Coop(FeatureAdapter):
     """Zero-shot classification with learned prompts; the image side is the base model's."""
 
     name = "coop"
+    trains_text = True
     config_class = CoopConfig
     views_share = 0.25  # of the budget left, for encoding views: the text-tower steps are the costly part
 

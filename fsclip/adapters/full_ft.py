@@ -2,7 +2,9 @@
 
 The playbook's answer for large data, or a domain far from the pretraining photos: every layer
 adapts, starting from the pretrained weights, at a learning rate 10-100x below training from scratch
-(1e-5 here), lowest for the earliest layers.
+(1e-5 here), lowest for the earliest layers, and unfrozen gradually from the top down (ULMFiT, Howard &
+Ruder 2018): the first epoch trains the heads only, each further epoch one more block, so the early,
+most general layers stay frozen longest.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ __all__ = ["FullFineTune", "FullFineTuneConfig"]
 class FullFineTuneConfig(FineTuneConfig):
     lr: float = 1e-5
     layer_decay: float = 0.8
+    gradual_unfreeze: bool = True
 
 
 class FullFineTune(FineTuneAdapter):

@@ -5,13 +5,18 @@ toward the zero-shot text classifier instead of toward 0 (and they start there):
 zero-shot, C -> inf a free probe. C is chosen by stratified cross-validation on the training images
 (zero-shot itself is a candidate): the strongest regularisation within one standard error of the best
 cross-validated accuracy (Breiman's rule: with a few images per fold a small lead is noise), never on
-the validation images, which stay for the reported accuracy. Prediction is the probe alone. This is not LP++ (Huang et al., 2024), which blends text
-logits with learned class-wise weights; for a probe constrained to the zero-shot prototypes without
-any search, see `clap`. `zero_shot_prior=False` gives the plain CLIP-paper probe (from and toward 0).
+the validation images, which stay for the reported accuracy. Without the prior, the C with the best
+cross-validated likelihood; at one image per class, the middle of the grid. Prediction is
+the probe alone. This is not LP++ (Huang et al., 2024), which blends text logits with learned
+class-wise weights; for a probe constrained to the zero-shot prototypes without
+any search, see `clap`. `zero_shot_prior=False` gives the plain CLIP-paper probe (from and toward 0),
+which is what a model without a text tower gets: the playbook's head swap, a new linear classifier on
+the frozen pooled features (the model's own classifier is never used).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -28,6 +33,7 @@ from fsclip.adapters.base import BaseModel
 from fsclip.adapters.config import AdapterConfig, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend
+from fsclip.errors import UsageError
 
 __all__ = ["LinearProbe", "LinearProbeConfig", "fit_logistic"]
 
@@ -39,7 +45,8 @@ class LinearProbeConfig(AdapterConfig):
     """Options of the linear probe.
 
     Attributes:
-        zero_shot_prior: start from and regularise towards the zero-shot classifier (else towards 0).
+        zero_shot_prior: start from and regularise towards the zero-shot classifier (else towards 0);
+            None: where the model has a text tower.
         c_grid: inverse L2 strengths tried (sklearn's C: loss = C * sum(CE) + |W - prior|^2 / 2); the best
             by cross-validation is then refined by half-decade steps, as in the CLIP paper's search. Empty
             (with `zero_shot_prior`): the probe is the zero-shot classifier itself.
@@ -47,7 +54,7 @@ class LinearProbeConfig(AdapterConfig):
         folds: cross-validation folds on the training images, at most (fewer with fewer images per class).
     """
 
-    zero_shot_prior: bool = True
+    zero_shot_prior: bool | None = None
     c_grid: tuple[float, ...] = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
     max_iter: int = 50
     folds: int = 5
@@ -56,9 +63,10 @@ class LinearProbeConfig(AdapterConfig):
         super().__post_init__()
         if isinstance(self.c_grid, list):
             object.__setattr__(self, "c_grid", tuple(self.c_grid))
-        check_field(isinstance(self.zero_shot_prior, bool), "zero_shot_prior", self.zero_shot_prior, "true or false")
-        check_field((len(self.c_grid) > 0 or self.zero_shot_prior) and all(c > 0 for c in self.c_grid), "c_grid",
-                    self.c_grid, "a list of values > 0, non-empty without the zero-shot prior")
+        check_field(self.zero_shot_prior is None or isinstance(self.zero_shot_prior, bool), "zero_shot_prior",
+                    self.zero_shot_prior, "true, false or None")
+        check_field((len(self.c_grid) > 0 or self.zero_shot_prior is not False) and all(c > 0 for c in self.c_grid),
+                    "c_grid", self.c_grid, "a list of values > 0, non-empty without the zero-shot prior")
         check_field(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", self.max_iter, ">= 1")
         check_field(isinstance(self.folds, int) and self.folds >= 2, "folds", self.folds, "an integer >= 2")
 
@@ -113,14 +121,18 @@ class LinearProbe(FeatureAdapter):
 
     @classmethod
     def needs_text(cls, config: LinearProbeConfig) -> bool:
-        return config.zero_shot_prior
+        return config.zero_shot_prior is True
 
     @classmethod
     @torch.no_grad()
     def fit_features(cls, backend: Backend, classes: Sequence[str], data: FeatureData,
                      config: LinearProbeConfig) -> LinearProbe:
         x, y, s = data.train, data.train_targets, data.logit_scale
-        n_cls, dim = data.text.shape
+        if config.zero_shot_prior is None:  # recorded as resolved, so the saved config says what ran
+            config = dataclasses.replace(config, zero_shot_prior=data.text is not None)
+        if not config.c_grid and not config.zero_shot_prior:
+            raise UsageError("c_grid is empty and the model has no text tower: the probe has no C to fit")
+        n_cls, dim = data.num_classes, x.shape[1]
         prior = data.text if config.zero_shot_prior else torch.zeros(n_cls, dim)
         zero_b = torch.zeros(n_cls)
         shots = int(torch.bincount(y, minlength=n_cls).min())
@@ -137,25 +149,36 @@ class LinearProbe(FeatureAdapter):
 
         grid = sorted(config.c_grid)  # strong -> weak regularisation, each warm-started from the last
         candidates = ([None] if config.zero_shot_prior else []) + grid
-        if grid:
-            top, means, per_fold = cross_validate(len(y), folds, candidates, score)
-            best = one_standard_error(candidates, per_fold)  # the strongest C (zero-shot first) within 1 SE
+        means: dict = {}
+        chosen_by = f"{len(folds)}-fold cross-validation on the training images"
+        if not grid:
+            best, chosen_by = None, "no C to choose"
+        elif not config.zero_shot_prior and shots < 2:
+            best = grid[len(grid) // 2]
+            chosen_by = ("the middle of c_grid: with one image per class, a held-out image's class has no other "
+                         "image, so there is nothing to cross-validate")
         else:
-            top = best = None
-            means = {None: (math.nan,)}
-        if best is not None and best == top:  # refine around the best C: half a decade either side
-            near = [c for c in (best / 10**0.5, best * 10**0.5) if grid[0] / 10 <= c <= grid[-1] * 10]
-            warm.clear()
-            best2, more, _ = cross_validate(len(y), folds, [best, *near], score)
-            means.update(more)
-            best = best2
+            # With the prior, the strongest C is zero-shot itself, the simplest model: the strongest C within one
+            # standard error of the best accuracy (Breiman). Without it, the strongest C only flattens the
+            # probabilities toward uniform while accuracy stays flat: the best cross-validated likelihood (a
+            # proper score, where accuracy on a few held-out images moves in steps of one image).
+            rank = score if config.zero_shot_prior else lambda *a: score(*a)[::-1]
+            top, means, per_fold = cross_validate(len(y), folds, candidates, rank)
+            best = one_standard_error(candidates, per_fold) if config.zero_shot_prior else top
+            if best is not None and best == top:  # refine around the best C: half a decade either side
+                near = [c for c in (best / 10**0.5, best * 10**0.5) if grid[0] / 10 <= c <= grid[-1] * 10]
+                warm.clear()
+                best2, more, _ = cross_validate(len(y), folds, [best, *near], rank)
+                means.update(more)
+                best = best2
+            if not config.zero_shot_prior:
+                means = {k: v[::-1] for k, v in means.items()}  # back to (accuracy, -NLL)
         if best is None:
             w, b = prior, zero_b
         else:
             with torch.enable_grad():
                 w, b = fit_logistic(x, y, prior, s, best, (prior, zero_b), config.max_iter)
-        chosen_by = f"{len(folds)}-fold cross-validation on the training images" if grid else "no C to choose"
-        logger.info("linear probe: C=%s chosen by %s (accuracy %.3f)", best, chosen_by, means[best][0])
+        logger.info("linear probe: C=%s chosen by %s (accuracy %.3f)", best, chosen_by, means.get(best, (math.nan,))[0])
         adapter = cls(backend, classes, config, s * w, b, best)
         adapter.selection = {"C": "zero-shot" if best is None else best, "chosen by": chosen_by,
                              "cross-validation accuracy": {("zero-shot" if k is None else f"{k:g}"): round(v[0], 4)

@@ -12,6 +12,14 @@ projections first (`Backend.split_attention`, numerically identical), so PEFT wr
 `nn.Linear`, as it does transformers CLIP's q_proj, k_proj and v_proj. An image tower without
 attention blocks (open_clip's ModifiedResNet: RN50, ...) is refused unless `towers="text"`.
 
+On a model without a text tower (timm, transformers image backbones) there are no class prompts:
+LoRA adapts the image tower under a linear head started from the linear probe on the frozen
+features (LP-FT: step 0 is the probe) and trained with it. The updates go into the attention
+projections of the blocks (timm's fused `qkv`, transformers' query / key / value: ViT, Swin, DINOv2)
+or, in a CNN, into every ordinary (not grouped or depthwise) `nn.Conv2d` of its stages, which PEFT's
+LoRA supports; batch-norm statistics stay the pretrained ones. No published recipe exists for LoRA
+on CNN backbones; the CLIP-LoRA hyper-parameters are kept.
+
 Only the LoRA weights are saved; `merge` writes a standalone model folder with them folded in (fused
 back into the library's own attention layout).
 """
@@ -19,6 +27,7 @@ back into the library's own attention layout).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -49,7 +58,7 @@ from fsclip.adapters.config import TrainingConfig, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
-from fsclip.errors import AdapterError
+from fsclip.errors import AdapterError, UsageError
 from fsclip.prompts_io import fill, load_templates
 from fsclip.zeroshot import build_text_classifier
 
@@ -88,15 +97,37 @@ class LoraAdapterConfig(TrainingConfig):
                     self.iters_per_shot, "an integer >= 1")
 
 
+def _attention_suffixes(backend: Backend) -> tuple[str, ...]:
+    try:
+        return tuple(backend.attention_target_modules())
+    except UsageError:  # a CNN: no attention projections anywhere
+        return ()
+
+
+def _conv_targets(backend: Backend) -> list[str]:
+    """Full names of the ordinary convolutions in the image tower's blocks (PEFT's LoRA needs the rank
+    divisible by `groups`, so grouped and depthwise convolutions are left alone)."""
+    inside = {id(m) for block in backend.image_blocks() for m in block.modules()}
+    return [n for n, m in backend.model.named_modules()
+            if id(m) in inside and isinstance(m, torch.nn.Conv2d) and m.groups == 1]
+
+
 def _target_modules(backend: Backend, towers: str) -> list[str]:
-    """Full names of the q, k, v projections to adapt: inside the image tower's blocks and the text tower."""
-    suffixes = tuple(backend.attention_target_modules())
+    """Full names of the q, k, v projections to adapt: inside the image tower's blocks and the text tower;
+    without a text tower and without attention, the convolutions of the image tower's blocks."""
+    suffixes = _attention_suffixes(backend)
     scopes = {"image": backend.image_blocks, "text": lambda: [backend.text_tower]}
     names = []
     for tower in ("image", "text") if towers == "both" else (towers,):
         inside = {id(m) for scope in scopes[tower]() for m in scope.modules()}
         found = [n for n, m in backend.model.named_modules()
                  if id(m) in inside and n.rsplit(".", 1)[-1] in suffixes and isinstance(m, torch.nn.Linear)]
+        if not found and not backend.has_text:
+            found = _conv_targets(backend)
+            if not found:
+                raise AdapterError(f"lora: the image tower of {backend.spec!r} ({type(backend.image_tower).__name__})"
+                                   " has neither attention projections nor ordinary convolutions in its blocks for "
+                                   "PEFT to adapt; use partial-ft")
         if not found:
             kind = type(backend.image_tower if tower == "image" else backend.text_tower).__name__
             hint = "; use towers='text', or another method (clap, partial-ft)" if tower == "image" else ""
@@ -117,21 +148,29 @@ def _inject(backend: Backend, config: LoraAdapterConfig, targets: list[str]) -> 
 
 
 class LoraAdapter(Adapter):
-    """CLIP with LoRA in both towers; classifies with its own class-prompt embeddings."""
+    """CLIP with LoRA in both towers, classifying with its own class-prompt embeddings; on an image-only
+    model, LoRA in the image tower under a linear head."""
 
     name = "lora"
     config_class = LoraAdapterConfig
     frozen_backbone = False
 
     @classmethod
+    def needs_text(cls, config: LoraAdapterConfig) -> bool:
+        return config.towers == "text"  # "both" is the image tower alone on an image-only model
+
+    @classmethod
     def unsupported(cls, backend: Backend) -> str | None:
         try:
             blocks = backend.image_blocks()
-        except AdapterError as e:
+        except (AdapterError, UsageError) as e:
             return str(e)
-        suffixes = tuple(backend.attention_target_modules())
-        if not any(isinstance(m, torch.nn.MultiheadAttention) or n.rsplit(".", 1)[-1] in suffixes
-                   for b in blocks for n, m in b.named_modules()):
+        suffixes = _attention_suffixes(backend)
+        if not backend.has_text and not suffixes and not _conv_targets(backend):
+            return (f"needs attention projections or ordinary convolutions in the image tower's blocks, and "
+                    f"{backend.spec!r}'s ({type(backend.image_tower).__name__}) has none")
+        if backend.has_text and not any(isinstance(m, torch.nn.MultiheadAttention) or n.rsplit(".", 1)[-1] in suffixes
+                                        for b in blocks for n, m in b.named_modules()):
             return (f"needs q, k, v projections in the image tower's attention blocks, and {backend.spec!r}'s "
                     f"({type(backend.image_tower).__name__}) has none it can adapt")
         return super().unsupported(backend)
@@ -148,10 +187,12 @@ class LoraAdapter(Adapter):
         return steps * costs.train_step(min(config.batch_size, costs.images), costs.classes)
 
     def __init__(self, backend: Backend, classes: Sequence[str], config: LoraAdapterConfig,
-                 peft_model: peft.PeftModel, text: torch.Tensor, targets: list[str], base: BaseModel):
+                 peft_model: peft.PeftModel, text: torch.Tensor | None, targets: list[str], base: BaseModel,
+                 head: torch.nn.Linear | None = None):
         super().__init__(backend, classes, config, base)
         self.peft_model = peft_model
         self.text = text  # (C, D) class embeddings of the adapted text tower, logit scale folded in
+        self.head = head  # the linear head instead, on a model without a text tower
         self.targets = targets
         self.train_result: dict[str, Any] = {}
 
@@ -159,6 +200,8 @@ class LoraAdapter(Adapter):
     def fit(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: LoraAdapterConfig,
             progress: bool = False, budget: Budget | None = None) -> LoraAdapter:
         budget = budget or Budget(float("inf"))
+        if not backend.has_text:
+            return cls._fit_head(backend, train, val, config, progress, budget)
         base = BaseModel.of(backend)
         own = trainable_copy(backend)
         own.split_attention()
@@ -189,38 +232,94 @@ class LoraAdapter(Adapter):
             logits = scale * own.forward_images(pixels) @ class_embeddings().T  # (B, D) @ (D, C) -> (B, C)
             return F.cross_entropy(logits.float(), y)
 
-        evaluate = None
-        if config.validates:  # opt-in early stopping: spends the validation images on choosing a step
-            val_pixels, val_y = preprocess_all(own, val, "validation image"), class_targets(val)
+        def logits(features: torch.Tensor) -> torch.Tensor:
+            return scale * features @ ensemble().T
 
-            def evaluate() -> tuple[float, float]:
-                return score(scale * batched_features(own, val_pixels) @ ensemble().T, val_y)
-
-        batches = ImageBatches(own, train, config.batch_size, config.crop_scale, config.flip, config.seed)
-        schedule = config.schedule("lora training", len(batches), config.iters_per_shot * shots_per_class(train))
-        params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-        opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999))
-        result = run_training(params=params, optimizer=opt, batches=batches, loss_fn=loss_fn, schedule=schedule,
-                              budget=budget, model=own.model, evaluate=evaluate, eval_every=config.eval_every,
-                              patience=config.patience, keep_best=config.keep_best, desc="lora", progress=progress)
+        result, evaluate = cls._train(own, peft_model, [], train, val, config, loss_fn, logits, progress, budget)
         # Rebuild from the LoRA weights on a fresh copy, exactly as `load` will: merging folds the update
         # into the base weights, and a fresh copy keeps the saved weights the only source of truth.
         lora = {f"lora.{k}": v.detach().clone() for k, v in peft.get_peft_model_state_dict(peft_model).items()}
         fresh = cls.from_state(backend, train.classes, config, lora, {"target_modules": targets}, base)
         text = scale * build_text_classifier(fresh.backend, train.classes, templates, use_cache=False).float()
         fresh.text = text
-        fresh.train_result = {"best_step": result.best_step, "steps_run": result.steps, "schedule": result.schedule,
-                              "history": result.history}
-        if evaluate is not None:
-            fresh.validation_uses.append("early stopping" if config.patience else "choosing the best step")
-        return fresh
+        return cls._finish(fresh, result, evaluate, config)
+
+    @classmethod
+    def _fit_head(cls, backend: Backend, train: LabeledImages, val: LabeledImages, config: LoraAdapterConfig,
+                  progress: bool, budget: Budget) -> LoraAdapter:
+        """LoRA in the image tower of a model without a text tower, under a linear head (LP-FT)."""
+        from fsclip.adapters.linear_probe import LinearProbe, LinearProbeConfig
+
+        if config.towers == "text":
+            raise AdapterError(f"lora towers=text needs a text tower, and {backend.spec!r} has none; "
+                               "use towers=image")
+        config = dataclasses.replace(config, towers="image")  # recorded as what ran
+        base = BaseModel.of(backend)
+        probe = LinearProbe.fit(backend, train, val, LinearProbeConfig(seed=config.seed))
+        own = trainable_copy(backend)
+        own.split_attention()
+        targets = _target_modules(own, "image")
+        peft_model = _inject(own, config, targets)
+        head = torch.nn.Linear(backend.embed_dim, len(train.classes)).to(own.device)
+        with torch.no_grad():
+            head.weight.copy_(probe.weight)
+            head.bias.copy_(probe.bias)
+        logger.info("lora: %d image-tower modules, %d trainable parameters and the head", len(targets),
+                    sum(p.numel() for p in peft_model.parameters() if p.requires_grad))
+
+        def loss_fn(pixels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(head(own.forward_images(pixels)).float(), y)
+
+        result, evaluate = cls._train(own, peft_model, list(head.parameters()), train, val, config, loss_fn, head,
+                                      progress, budget)
+        lora = {f"lora.{k}": v.detach().clone() for k, v in peft.get_peft_model_state_dict(peft_model).items()}
+        tensors = {**lora, "head.weight": head.weight.detach().clone(), "head.bias": head.bias.detach().clone()}
+        fresh = cls.from_state(backend, train.classes, config, tensors, {"target_modules": targets}, base)
+        fresh.selection = {"probe C": probe.selection.get("C")}
+        return cls._finish(fresh, result, evaluate, config)
+
+    @classmethod
+    def _train(cls, own: Backend, peft_model: peft.PeftModel, extra: list[torch.nn.Parameter], train: LabeledImages,
+               val: LabeledImages, config: LoraAdapterConfig, loss_fn, logits, progress: bool, budget: Budget):
+        """The optimisation shared by both kinds: the LoRA weights (and `extra`, e.g. a head), AdamW, cosine."""
+        evaluate = None
+        if config.validates or config.val_curve:  # the curve only reports; choosing a step spends the images
+            val_pixels, val_y = preprocess_all(own, val, "validation image"), class_targets(val)
+
+            def evaluate() -> tuple[float, float]:
+                return score(logits(batched_features(own, val_pixels)), val_y)
+
+        batches = ImageBatches(own, train, config.batch_size, config.crop_scale, config.flip, config.seed)
+        schedule = config.schedule("lora training", len(batches), config.iters_per_shot * shots_per_class(train))
+        params = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+        params.update({f"head.{i}": p for i, p in enumerate(extra)})
+        opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.999))
+        result = run_training(params=params, optimizer=opt, batches=batches, loss_fn=loss_fn, schedule=schedule,
+                              budget=budget, model=own.model, evaluate=evaluate, eval_every=config.eval_every,
+                              patience=config.patience, keep_best=config.keep_best, desc="lora", progress=progress)
+        result.schedule["steps_per_epoch"] = len(batches)
+        return result, evaluate
+
+    @staticmethod
+    def _finish(adapter: LoraAdapter, result, evaluate, config: LoraAdapterConfig) -> LoraAdapter:
+        adapter.train_result = {"best_step": result.best_step, "steps_run": result.steps, "schedule": result.schedule,
+                                "steps_per_epoch": result.schedule.pop("steps_per_epoch"), "history": result.history}
+        if evaluate is not None and config.validates:
+            adapter.validation_uses.append("early stopping" if config.patience else "choosing the best step")
+        return adapter
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            return self.head(features.to(self.head.weight))  # (N, D) @ (D, C) + (C,) -> (N, C)
         return features.to(self.text) @ self.text.T  # (N, D) @ (D, C) -> (N, C)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         lora = peft.get_peft_model_state_dict(self.peft_model)
-        return {"text": self.text, **{f"lora.{k}": v for k, v in lora.items()}}
+        if self.head is not None:
+            classifier = {f"head.{n}": p for n, p in self.head.named_parameters()}
+        else:
+            classifier = {"text": self.text}
+        return {**classifier, **{f"lora.{k}": v for k, v in lora.items()}}
 
     def extra_state(self) -> dict[str, Any]:
         return {"target_modules": self.targets, "training": self.train_result}
@@ -237,8 +336,14 @@ class LoraAdapter(Adapter):
             raise AdapterError(f"LoRA weights do not fit {backend.spec!r}: unexpected {unexpected[:3]}")
         peft_model.merge_adapter()  # fold the update into the weights: plain-speed inference
         own.__dict__.pop("fingerprint", None)
-        text = tensors.get("text")  # absent only while `fit` rebuilds the model
-        adapter = cls(own, classes, config, peft_model, text, list(extra["target_modules"]), base)
+        head = None
+        if "head.weight" in tensors:
+            weight = tensors["head.weight"]
+            head = torch.nn.Linear(weight.shape[1], weight.shape[0]).to(own.device)
+            head.load_state_dict({"weight": weight, "bias": tensors["head.bias"]})
+            head.requires_grad_(False)
+        text = tensors.get("text")  # absent while `fit` rebuilds the model, and with a head
+        adapter = cls(own, classes, config, peft_model, text, list(extra["target_modules"]), base, head)
         adapter.train_result = extra.get("training", {})
         return adapter
 
@@ -246,8 +351,12 @@ class LoraAdapter(Adapter):
         """Write the base model with the LoRA update folded in, as a folder that loads as a model spec.
 
         Zero-shot classification with that model, the same class names and templates gives this
-        adapter's logits (before calibration).
+        adapter's logits (before calibration). Not for an image-only model, whose head is no part of it.
         """
+        if self.head is not None:
+            raise UsageError("--merge writes a CLIP model whose class prompts give this adapter's logits; an "
+                             "image-only model's LoRA adapter classifies with its own head, so load the adapter "
+                             "folder itself")
         # the weights are merged already (`from_state`): unloading keeps them and drops the LoRA layers
         merged = self.backend.fuse_attention(copy.deepcopy(self.peft_model).unload())
         note = {"merged_from": self.base.spec, "base_fingerprint": self.base.fingerprint, "adapter": self.name,

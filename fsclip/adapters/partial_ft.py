@@ -1,4 +1,4 @@
-"""Partial fine-tuning: the last N blocks of the image tower, its projection head and a classifier.
+"""Partial fine-tuning: the last N blocks (or CNN stages) of the image tower, its projection head and a classifier.
 
 The playbook's answer for small data from a moderately different domain: early layers (general
 features) stay frozen, the task-level top of the network adapts.
@@ -21,7 +21,8 @@ class PartialFineTuneConfig(FineTuneConfig):
     """Options of partial fine-tuning (besides the fine-tuning options).
 
     Attributes:
-        blocks: how many of the last transformer blocks of the image tower to unfreeze.
+        blocks: how many of the last blocks of the image tower to unfreeze (transformer blocks, or a
+            CNN's stages).
     """
 
     blocks: int = 2

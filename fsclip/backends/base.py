@@ -255,6 +255,32 @@ class Backend(ABC):
         """`model` with split attention fused back into the library's own layout (to save it loadable)."""
         return model
 
+    def reset_weights(self) -> None:
+        """Re-initialise every weight of `self.model` at random, in place: the same architecture untrained.
+
+        Only for a private copy of the model (training from scratch). Seeded by torch's global RNG.
+        Backends whose library has its own initialisation scheme use it; this default resets every
+        module that can (`reset_parameters`: convolutions, linear layers, norms with their running
+        statistics, embeddings) and draws the weights no module owns that way (class tokens, position
+        embeddings, projections) from N(0, 0.02) truncated at 2 std; 1-D scales get ones, biases zeros.
+        """
+        reset: set[int] = set()
+        for module in self.model.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+                reset.update(id(p) for p in module.parameters(recurse=False))
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if id(p) in reset:
+                    continue
+                if p.ndim >= 2 or "embed" in name or "token" in name:
+                    nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+                elif name.endswith("bias"):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.ones_(p)
+        self.__dict__.pop("fingerprint", None)
+
     def text_token_embedding(self) -> nn.Module | None:
         """The text tower's token-embedding layer, whose outputs prompt learning (CoOp) replaces, or None."""
         return None

@@ -154,6 +154,11 @@ class TransformersVisionBackend(Backend):
     def forward_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.forward_pooled(pixels), dim=-1)
 
+    def reset_weights(self) -> None:
+        """transformers' own initialisation: a new, untrained model of the same class and config."""
+        self.model.load_state_dict(type(self.model)(self.model.config).state_dict())
+        self.__dict__.pop("fingerprint", None)
+
     # -- towers
     @property
     def image_tower(self) -> nn.Module:

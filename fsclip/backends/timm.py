@@ -149,15 +149,32 @@ class TimmBackend(Backend):
             return super().forward_own_head(pixels)
         return self.model(pixels)
 
+    def reset_weights(self) -> None:
+        """timm's own initialisation: a new, untrained model of the same architecture and arguments."""
+        import timm
+
+        arch = (getattr(self.model, "pretrained_cfg", None) or {}).get("architecture")
+        try:
+            fresh = timm.create_model(arch, pretrained=False, **getattr(self.model, "_model_args", {}))
+        except (RuntimeError, TypeError):  # not recreatable from what it recorded: the generic reset
+            return super().reset_weights()
+        theirs, ours = fresh.state_dict(), self.model.state_dict()
+        if theirs.keys() != ours.keys() or any(theirs[k].shape != ours[k].shape for k in ours):
+            return super().reset_weights()
+        self.model.load_state_dict(theirs)
+        self.__dict__.pop("fingerprint", None)
+
     # -- towers
     @property
     def image_tower(self) -> nn.Module:
         return self.model
 
     def image_blocks(self) -> list[nn.Module]:
-        # timm records each reduction stage (CNNs) or block (ViTs) in `feature_info`, first to last
+        # timm records each reduction stage (CNNs) or block (ViTs) in `feature_info`, first to last;
+        # a CNN's first entry is often the stem's activation, which holds no weights and is no stage
         names = [info["module"] for info in getattr(self.model, "feature_info", [])]
         blocks = [self.model.get_submodule(n) for n in names if n]
+        blocks = [b for b in blocks if next(b.parameters(), None) is not None]
         if not blocks:
             raise UsageError(f"model {self.spec!r} ({type(self.model).__name__}) does not list its stages")
         return blocks

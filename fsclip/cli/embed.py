@@ -61,9 +61,10 @@ def run(args) -> int:
     report = embed(args.sources, args.out, args.model, runner=args.runner, shard_size=args.shard_size,
                    fp16=args.fp16, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                    column=args.column, progress=not args.quiet, runtime=args.runtime, **options)
+    code = 0 if report.rows or not report.failed else 1  # as classify: 1 when no image could be used
     if args.format == "json":
         print(json.dumps(report.to_dict()))
-        return 0
+        return code
     rate = report.embedded / report.seconds if report.seconds > 0 else 0.0
     print(f"{report.out}: {report.rows} images embedded in {report.shards} shards ({report.runner} runner)")
     print(f"  this run: {report.computed} shards, {report.embedded} images ({rate:.0f} img/s); "
@@ -72,4 +73,4 @@ def run(args) -> int:
         print(f"  {report.failed} file{'s' * (report.failed != 1)} could not be used "
               f"(reasons in {report.out}/manifest.json)")
     print(f"  {report.seconds:.1f} s")
-    return 0
+    return code

@@ -43,6 +43,10 @@ def add_parser(sub) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any option of the method's config, e.g. rank=8, dropout=0 or views=20 (value read as JSON "
                         "if it parses); repeatable")
+    p.add_argument("--compare-scratch", action="store_true",
+                   help="afterwards train the same architecture from random initialisation on the same images, "
+                        "augmentation, seed and budget, and compare validation accuracy and convergence (the fit "
+                        "then takes up to twice the budget)")
     p.add_argument("--merge", type=Path, default=None, metavar="DIR",
                    help="LoRA only: also write the base model with the update merged in, loadable as --model DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and --merge) folder")
@@ -150,9 +154,12 @@ def run(args) -> int:
 
     if args.method != AUTO:
         method = get_adapter(args.method)  # unknown names fail here, before any loading
-        if args.runtime != "torch" and not method.frozen_backbone:
+        if args.runtime != "torch" and (method.trains_text or not method.frozen_backbone):
             raise UsageError(f"--method {args.method} trains the towers, which needs --runtime torch "
                              f"(runtime {args.runtime} is for inference)")
+    if args.compare_scratch and args.runtime != "torch":
+        raise UsageError(f"--compare-scratch trains a model from scratch, which needs --runtime torch (runtime "
+                         f"{args.runtime} is for inference)")
     if args.budget is not None:
         parse_duration(args.budget)  # a bad duration fails before any loading too
     if args.merge is not None and args.method not in ("lora", "auto"):
@@ -174,13 +181,13 @@ def run(args) -> int:
         train, val = holdout_split(data, args.shots, args.seed)
     backend = load_model(args.model, device=args.device, dtype=args.dtype, runtime=args.runtime,
                          calibration=train.paths)
-    if not backend.has_text:  # TODO(issue 11 part 2): the few-shot methods on image-only backbones
-        raise UsageError(f"model {args.model!r} has no text tower, and the few-shot methods do not take "
-                         "image-only models yet (issue 11); use a CLIP-style model")
+    if args.merge is not None and not backend.has_text:
+        raise UsageError(f"--merge writes a CLIP model whose class prompts classify; model {args.model!r} has no "
+                         "text tower, and its adapter classifies with its own head: use the adapter folder")
     try:
         with _plan_lines(args.quiet):
             adapter = fit(backend, train, args.method, val=val, budget=args.budget, progress=not args.quiet,
-                          **options)
+                          compare_scratch=args.compare_scratch, **options)
     except KeyboardInterrupt:
         print(f"fsclip: interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130
@@ -206,6 +213,11 @@ def run(args) -> int:
           f"-> {ece['calibrated']:.3f}{crossfit}")
     print(f"fit time: {m['budget']['fit_seconds']:.1f} s (budget: "
           f"{'none' if m['budget']['seconds'] is None else str(round(m['budget']['seconds'])) + ' s'})")
+    if m.get("scratch_comparison"):
+        from fsclip.adapters._compare import lines
+
+        for line in lines(m["scratch_comparison"]):
+            print(line)
     if not world.is_main():  # data-parallel: every rank holds the same adapter; the main process writes it
         return 0
     adapter.save(args.out, overwrite=args.overwrite)

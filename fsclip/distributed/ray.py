@@ -24,6 +24,7 @@ import bisect
 import io
 import logging
 import re
+import socket
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -166,6 +167,18 @@ def _pool_size(ray, num_gpus_per_worker: float) -> int:
     return max(1, int(resources.get("CPU", 1)) // 2)  # the other half of the CPUs decodes
 
 
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """One line when nothing listens at a HOST:PORT address; `ray.init` itself waits minutes before failing."""
+    m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address or "")
+    if not m:  # None, "auto", "local": Ray's own lookup
+        return
+    try:
+        socket.create_connection((m[1], int(m[2])), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"cannot start or join the Ray cluster at {address}: nothing answers there ({e.strerror or e}); "
+                         "check --address (`ray status` on the head node shows it)") from None
+
+
 def run(backend, shards: Sequence[Shard], write: Callable[[ShardResult], None], *, batch_size: int = 32,
         progress: bool = False, device: str = "auto", address: str | None = None,
         num_gpus_per_worker: float = 0, actors: int | None = None) -> None:
@@ -173,7 +186,13 @@ def run(backend, shards: Sequence[Shard], write: Callable[[ShardResult], None], 
     ray = _ray()
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+            raise UsageError(f"cannot start or join {where}: {str(e).strip().splitlines()[0]} (check --address; "
+                             "`ray status` on the head node shows the address to use)") from None
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
         if not progress:  # Ray Data logs its progress at INFO when there is no terminal

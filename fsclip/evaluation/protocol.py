@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from fsclip._version import __version__
 from fsclip.backends import Backend
+from fsclip.backends.base import no_text_tower
 from fsclip.data import LabeledImages, sample_shots
 from fsclip.distributed import world
-from fsclip.errors import DataError
+from fsclip.errors import DataError, UsageError
 from fsclip.evaluation.datasets import CaptionData, ClassificationData, load_dataset
 from fsclip.evaluation.features import split_features
 from fsclip.evaluation.metrics import classification_metrics, retrieval_metrics
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 # the kind of dataset each task reads
 DATASET_TASK = {"zeroshot": "classification", "fewshot": "classification", "retrieval": "retrieval"}
+TEXT_TASKS = ("zeroshot", "retrieval")  # tasks that need a text tower
 
 
 def _sample_up_to(data: LabeledImages, per_class: int, seed: int) -> LabeledImages:
@@ -237,11 +239,17 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
             return None
         return existing
 
+    def check(spec: RunSpec) -> None:
+        if spec.task in TEXT_TASKS and not backend(spec).has_text:
+            raise UsageError(no_text_tower(spec.model, f"{spec.task} needs one; evaluate it with `fsclip eval "
+                                                       "fewshot`"))
+
     def run(spec: RunSpec) -> RunOutcome:
         existing = done(spec)
         if existing is not None:
             logger.info("%s: already done, skipped", spec.run_id)
             return RunOutcome(spec, Path(out_dir) / f"{spec.run_id}.json", existing, True)
+        check(spec)
         outcome = run_one(spec, backend(spec), dataset(spec), out_dir, batch_size, progress)
         logger.info("%s: done", spec.run_id)
         return outcome
@@ -249,8 +257,12 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
     if world.size() == 1:
         return [run(spec) for spec in tqdm(specs, desc="runs", unit="run",
                                            disable=None if progress and len(specs) > 1 else True)]
+
     def needed() -> list[tuple[str, str]]:  # (model, dataset) pairs some run needs, each loaded here
-        pairs = [(s.model, s.dataset) for s in specs if done(s, warn=False) is None]
+        todo = [s for s in specs if done(s, warn=False) is None]
+        for s in todo:
+            check(s)
+        pairs = [(s.model, s.dataset) for s in todo]
         for s in specs:
             if (s.model, s.dataset) in pairs:
                 backend(s)

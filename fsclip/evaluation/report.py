@@ -108,16 +108,19 @@ def markdown_tables(records: Sequence[Record]) -> str:
         for metric in ("top1", "mean_per_class_recall", *[f"group:{g}" for g in _groups(runs)]):
             data = curves(runs + runs_zs, metric)
             zero = sorted(label for label in data if label.startswith(ZERO_SHOT))
+            # a model without zero-shot runs (image-only) has no K=0 column: omitted, not zero
+            first = ["K=0"] if zero else []
             rows = [[label, _pct(data.pop(label)[0]), *["" for _ in shots]] for label in zero]
-            rows += [[m, "", *[_pct(data[m].get(k, [])) for k in shots]] for m in sorted(data)]
+            rows += [[m, *[""] * len(first), *[_pct(data[m].get(k, [])) for k in shots]] for m in sorted(data)]
             title = (f"### Few-shot, {dataset}, {model}: {metric_label(metric)} (%), "
                      f"mean ± std over seeds {', '.join(map(str, seeds))}")
-            parts.append(title + "\n\n" + _table(["method", "K=0", *[f"K={k}" for k in shots]], rows))
+            parts.append(title + "\n\n" + _table(["method", *first, *[f"K={k}" for k in shots]], rows))
         times: dict[str, list[float]] = {}
         for r in runs:
             times.setdefault(method_label(r), []).append(r["timing"]["fit_seconds"])
         parts.append("Mean fit time per run (s): " + ", ".join(f"{m} {statistics.fmean(t):.1f}"
                                                                for m, t in sorted(times.items())))
+    parts += _side_by_side(fs, zs)
     rt = [r for r in records if r["run"]["task"] == "retrieval"]
     if rt:
         ks = [k.split("@")[1] for k in rt[0]["metrics"] if k.startswith("image_to_text_R@")]
@@ -127,6 +130,30 @@ def markdown_tables(records: Sequence[Record]) -> str:
         header = ["dataset", "model", "images", "captions", *[f"I→T R@{k}" for k in ks], *[f"T→I R@{k}" for k in ks]]
         parts.append("### Retrieval (recall %, image→text and text→image)\n\n" + _table(header, rows))
     return "\n\n".join(parts) + "\n"
+
+
+def _side_by_side(fs: Sequence[Record], zs: Sequence[Record]) -> list[str]:
+    """Per dataset with few-shot results from several models: method x K rows, one top-1 column per model.
+
+    Zero-shot is a row only where some model has it; a model without it (no text tower) shows "–".
+    """
+    parts = []
+    for (dataset,), runs in _by(fs, "dataset").items():
+        models = sorted({r["run"]["model"] for r in runs})
+        if len(models) < 2:
+            continue
+        per_model = {m: curves([r for r in [*runs, *zs] if r["run"]["dataset"] == dataset and r["run"]["model"] == m],
+                               "top1") for m in models}
+        zero = sorted({label for data in per_model.values() for label in data if label.startswith(ZERO_SHOT)})
+        rows = [[label, "0", *[_pct(per_model[m].get(label, {}).get(0, [])) for m in models]] for label in zero]
+        methods = sorted({label for data in per_model.values() for label in data} - set(zero))
+        shots = sorted({r["run"]["shots"] for r in runs})
+        rows += [[method, k, *[_pct(per_model[m].get(method, {}).get(k, [])) for m in models]]
+                 for method in methods for k in shots
+                 if any(per_model[m].get(method, {}).get(k) for m in models)]
+        parts.append(f"### Few-shot, {dataset}: backbones side by side, top-1 accuracy (%), mean ± std over seeds"
+                     "\n\n" + _table(["method", "K", *models], rows))
+    return parts
 
 
 def csv_rows(records: Sequence[Record]) -> list[dict[str, Any]]:

@@ -120,10 +120,32 @@ class OrtBackend(Backend):
         return self.base.tokenize(texts)
 
     # -- the towers, in ONNX Runtime
+    def _inference_only(self) -> UsageError:
+        return UsageError(f"runtime {self.runtime} is for inference only; training the towers (LoRA, "
+                          "fine-tuning, prompt learning) needs --runtime torch")
+
     def _no_grad(self) -> None:
         if torch.is_grad_enabled():
-            raise UsageError(f"runtime {self.runtime} is for inference only; training the towers (LoRA, "
-                             "fine-tuning) needs --runtime torch")
+            raise self._inference_only()
+
+    # -- what adapters that train the towers ask for: not here
+    def split_attention(self) -> None:
+        raise self._inference_only()
+
+    def fuse_attention(self, model: nn.Module) -> nn.Module:
+        raise self._inference_only()
+
+    def text_token_embedding(self) -> nn.Module | None:
+        raise self._inference_only()
+
+    def image_projection(self) -> str | None:
+        raise self._inference_only()
+
+    def forward_image_pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise self._inference_only()
+
+    def project_image(self, pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise self._inference_only()
 
     def _run_image(self, pixels: torch.Tensor, output: str) -> torch.Tensor:
         self._no_grad()

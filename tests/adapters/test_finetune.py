@@ -43,7 +43,7 @@ def test_partial_ft_trains_only_the_last_blocks_and_head(tiny_openclip, small_ta
 
 def test_full_ft_uses_discriminative_learning_rates(tiny_openclip, small_task):
     adapter = fit(tiny_openclip, small_task.pool, "full-ft", val=small_task.val, templates="generic", iters=3,
-                  lr=1e-3, head_lr=1e-2, layer_decay=0.5, keep_best=False)
+                  lr=1e-3, head_lr=1e-2, layer_decay=0.5, keep_best=False, gradual_unfreeze=False)
     lrs = adapter.train_result["learning_rates"]
     assert list(lrs) == ["classifier", "projection", "block 1", "block 0", "stem"]
     assert lrs == pytest.approx({"classifier": 1e-2, "projection": 1e-3, "block 1": 5e-4, "block 0": 2.5e-4,

@@ -76,8 +76,10 @@ def test_own_head_on_the_bundled_backbone(photos, capsys):
     assert acc >= 0.95, acc
 
 
-def test_fit_refuses_image_only_models_for_now(tmp_path, tiny_timm_dir, capsys):
+def test_fit_refuses_a_text_method_on_an_image_only_model(tmp_path, tiny_timm_dir, capsys):
     write_folder(tmp_path / "train", {"circle": [("red", "circle")], "star": [("blue", "star")]}, 4)
-    code, out, err = run(capsys, "fit", tmp_path / "train", "--model", tiny_timm_dir, "--out", tmp_path / "a", "-q")
+    code, out, err = run(capsys, "fit", tmp_path / "train", "--model", tiny_timm_dir, "--method", "coop",
+                         "--out", tmp_path / "a", "-q")
     assert code == 2 and not (tmp_path / "a").exists()
-    assert "has no text tower" in _one_error_line(err)
+    line = _one_error_line(err)
+    assert "needs a text tower" in line and "prototype" in line  # names the methods that can run

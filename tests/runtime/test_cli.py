@@ -111,9 +111,10 @@ def test_predict_with_a_frozen_feature_adapter(photos, tip_adapter, capsys):
 
 
 def test_tower_training_methods_refuse_onnx_in_one_line(photos, tmp_path, capsys):
-    code, _, err = _run(capsys, "fit", photos, "--model", "shapes", "--method", "lora", "--out", tmp_path / "x",
-                        "--runtime", "onnx", "-q")
-    assert code == 2 and err.count("\n") == 1 and "--method lora trains the towers" in err
+    for method in ("lora", "coop"):  # coop's image features are frozen, but it learns through the text tower
+        code, _, err = _run(capsys, "fit", photos, "--model", "shapes", "--method", method, "--out",
+                            tmp_path / "x", "--runtime", "onnx", "-q")
+        assert code == 2 and err.count("\n") == 1 and f"--method {method} trains the towers" in err
     lora = tmp_path / "lora"
     assert main(["fit", str(photos), "--model", "shapes", "--method", "lora", "--out", str(lora), "--iters", "1",
                  "--batch-size", "4", "--templates", "shapes", "--device", "cpu", "-q"]) == 0

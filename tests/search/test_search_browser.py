@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -22,16 +23,13 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_backend):
-    uvicorn = pytest.importorskip("uvicorn")
-    from fsclip.search import ImageIndex
+@contextlib.contextmanager
+def _serving(index):
+    """`index`'s page and API on a free local port, in a thread; yields the base URL."""
+    import uvicorn
+
     from fsclip.search.service import build_app
 
-    root = tmp_path_factory.mktemp("browser")
-    render_photos(root / "photos", 30, seed=31, size=48)
-    index = ImageIndex.create(root / "b.idx", tiny_backend)
-    index.add([root / "photos"])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     srv = uvicorn.Server(uvicorn.Config(build_app(index), log_level="warning"))
@@ -41,9 +39,24 @@ def server(tmp_path_factory, tiny_backend):
     while not srv.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", index
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_backend):
+    pytest.importorskip("uvicorn")
+    from fsclip.search import ImageIndex
+
+    root = tmp_path_factory.mktemp("browser")
+    render_photos(root / "photos", 30, seed=31, size=48)
+    index = ImageIndex.create(root / "b.idx", tiny_backend)
+    index.add([root / "photos"])
+    with _serving(index) as url:
+        yield url, index
 
 
 @pytest.fixture(scope="module")
@@ -126,26 +139,15 @@ def test_upload_an_image_to_find_it(server, page):
 @pytest.fixture(scope="module")
 def image_only_server(tmp_path_factory, tiny_timm_dir):
     """The page over an index whose model has no text tower (a timm CNN)."""
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     from fsclip.search import ImageIndex
-    from fsclip.search.service import build_app
 
     root = tmp_path_factory.mktemp("browser-image-only")
     photos = render_photos(root / "photos", 12, seed=32, size=48)
     index = ImageIndex.create(root / "i.idx", str(tiny_timm_dir), device="cpu")
     index.add([root / "photos"])
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(build_app(index), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", index, photos
-    srv.should_exit = True
-    thread.join(10)
+    with _serving(index) as url:
+        yield url, index, photos
 
 
 def test_image_only_index_hides_the_text_box(image_only_server, page):
