@@ -54,8 +54,8 @@ def _quiet_stdout() -> None:
 
 @contextlib.contextmanager
 def _silenced(rank: int, stderr: bool = False):
-    """Under torchrun / accelerate launch the main process alone prints: the other ranks' stdout (and,
-    for what every rank does alike, stderr) goes nowhere."""
+    """Under torchrun / accelerate launch the main process alone prints: the other ranks' stdout (and
+    with `stderr`, their stderr) goes nowhere. Their errors are reported after the block (see `main`)."""
     if not rank:
         yield
         return
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"fsclip {args.command} runs in one process; under torchrun / accelerate launch "
                                  "run fsclip fit or fsclip eval zeroshot/fewshot/retrieval")
             world.setup(getattr(args, "device", "auto"))
-        with _silenced(rank):
+        with _silenced(rank, stderr=True):  # every rank does the same work: summaries and warnings once
             return int(args.func(args) or 0)
     except FsclipError as e:
         # an error every rank raised (a usage error, an unreadable image) is the main process's to report
