@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         handlers=[handler],
         force=True,
     )
+    together = False  # under a launcher: the ranks leave together, after success or an error all of them met
     try:
         if world.launched():
             if not getattr(args, "data_parallel", False):
@@ -91,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                                  "run fsclip fit or fsclip eval zeroshot/fewshot/retrieval")
             world.setup(getattr(args, "device", "auto"))
         with _silenced(rank, stderr=True):  # every rank does the same work: summaries and warnings once
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        together = True
+        return code
     except FsclipError as e:
         # an error every rank raised (a usage error, an unreadable image) is the main process's to report
-        if not rank or not (isinstance(e, UsageError) or world.raised_on_every_rank(e)):
+        together = isinstance(e, UsageError) or world.raised_on_every_rank(e)
+        if not rank or not together:
             print(f"fsclip: error: {f'(rank {rank}) ' if rank else ''}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -104,3 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as `yes | head` does
         _quiet_stdout()
         return 141  # 128 + SIGPIPE, the shell's status for a process ended by a closed pipe
+    finally:
+        if together:
+            world.leave()

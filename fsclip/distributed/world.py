@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -36,6 +37,7 @@ __all__ = [
     "is_main",
     "launch_rank",
     "launched",
+    "leave",
     "map_parts",
     "part",
     "rank",
@@ -102,6 +104,25 @@ def setup(device: str = "auto") -> None:
                          "run `accelerate config` again and choose multi-GPU (or multi-CPU)")
     _cpu = str(device) == "cpu" or not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
     _state()
+
+
+def leave() -> None:
+    """Leave the process group with the other ranks: wait until every rank gets here, then destroy it.
+
+    torchrun stops every rank as soon as one exits with an error, so a rank that left first could cut
+    the main process off while it reports; and a process group left to interpreter exit can abort a
+    rank whose peers are gone. The wait is bounded on gloo (a rank that never comes reported for itself).
+    """
+    if not launched() or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    try:
+        if torch.distributed.get_backend() == "gloo":
+            torch.distributed.monitored_barrier(timeout=timedelta(seconds=60))
+        else:
+            _state().wait_for_everyone()
+    except RuntimeError:
+        pass
+    _state().destroy_process_group()
 
 
 def size() -> int:
