@@ -218,11 +218,11 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
         if existing is not None:
             logger.warning("%s: result was made with other weights of %s (fingerprint %s, now %s); running again",
                            spec.run_id, spec.model, existing["model"]["fingerprint"], backend(spec).fingerprint)
+        if spec.dataset not in datasets:  # before the model: a bad dataset is found without loading one
+            datasets[spec.dataset] = load_dataset(spec.dataset, root, DATASET_TASK[spec.task])
         if spec.task in TEXT_TASKS and not backend(spec).has_text:
             raise UsageError(no_text_tower(spec.model, f"{spec.task} needs one; evaluate it with `fsclip eval "
                                                        "fewshot`"))
-        if spec.dataset not in datasets:
-            datasets[spec.dataset] = load_dataset(spec.dataset, root, DATASET_TASK[spec.task])
         outcomes.append(run_one(spec, backend(spec), datasets[spec.dataset], out_dir, batch_size, progress))
         logger.info("%s: done", spec.run_id)
     return outcomes
