@@ -122,3 +122,11 @@ def test_eval_zeroshot_on_an_image_only_model_is_one_line(eval_root, tmp_path, c
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "has no text tower" in err and "fsclip eval fewshot" in err
     assert not list(tmp_path.rglob("*.json"))
+
+
+def test_eval_fewshot_without_a_method_runs_the_training_free_baseline_the_model_can_run(eval_root, tmp_path, capsys):
+    """Tip-Adapter needs a text tower; on an image-only model the default is the prototype classifier."""
+    code, _, err = _eval(capsys, "fewshot", "--dataset", "shapes-novel", "--model", "shapes-resnet", "--root",
+                         eval_root, "--out", tmp_path, "--device", "cpu", "-q", "--shots", "1", "--seeds", "1")
+    assert code == 0, err
+    assert [p.name for p in tmp_path.glob("*.json")] == ["fewshot__shapes-novel__shapes-resnet__prototype__k1__s1.json"]
