@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check fsclip tests eval
 
 bench: $(STAMP)
-	$(BIN)/python -m eval.bench_encode
+	$(BIN)/python -m eval.bench all
 
 clean:
 	rm -rf $(VENV) fsclip-demo .pytest_cache

@@ -2,7 +2,7 @@
 
     python -m eval.bench all            # every benchmark, full size (minutes)
     python -m eval.bench all --quick    # small sizes, to check that everything runs
-    python -m eval.bench encode search  # a subset
+    python -m eval.bench encode search  # a subset; the others' sections stay as the last report had them
 
 Each benchmark module (eval.bench_encode, eval.bench_search, eval.bench_fewshot, eval.bench_scale,
 eval.bench_runtime) measures its own comparisons and prints Markdown tables (its `main(["--quick"])` is the small run);
@@ -124,8 +124,25 @@ def machine() -> str:
             f"start; Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
-def collect(benches: Sequence[Bench], quick: bool = False, log=sys.stderr) -> tuple[str, str]:
-    """Run `benches`; returns (the single table with notes, the full report for bench.md)."""
+_SECTION = re.compile(r"^### (?P<name>\S+) \(`python -m (?P<module>[\w.]+)`, (?P<secs>\d+) s\)\n", re.MULTILINE)
+
+
+def earlier_sections(report: str) -> tuple[str, dict[str, str]]:
+    """A report written by `collect` -> (its run line, {benchmark name: its full-output section})."""
+    run = re.search(r"measured in one run of `[^`]+` on \S+ \(\d+ s\): .+?\. Ratios compare", report)
+    marks = list(_SECTION.finditer(report))
+    sections = {m["name"]: report[m.start(): marks[i + 1].start() if i + 1 < len(marks) else len(report)].strip()
+                for i, m in enumerate(marks)}
+    return (run[0][: -len(". Ratios compare")] if run else "an earlier run"), sections
+
+
+def collect(benches: Sequence[Bench], quick: bool = False, log=sys.stderr,
+            earlier: str | None = None) -> tuple[str, str]:
+    """Run `benches`; returns (the single table with notes, the full report for bench.md).
+
+    With `earlier` (the previous report), the benchmarks not run now keep their rows and full output from
+    it, each row marked with that run, and the report's first paragraph says which rows are older.
+    """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     where = machine()
     rows, notes, raw = [], [], []
@@ -147,6 +164,19 @@ def collect(benches: Sequence[Bench], quick: bool = False, log=sys.stderr) -> tu
         rows += combine(bench.name, tables)
         notes += [f"{bench.name}: {n}" for n in extra]
         raw.append(f"### {bench.name} (`python -m {bench.module}`, {time.perf_counter() - t:.0f} s)\n\n{text.strip()}")
+    kept = []
+    if earlier is not None:
+        when, sections = earlier_sections(earlier)
+        ran = {b.name for b in benches}
+        for name, section in sections.items():
+            if name in ran or quick:
+                continue
+            body = section.split("\n", 1)[1] if "\n" in section else ""
+            tables, extra = parse_tables(body)
+            rows += [[f"{r[0]} (earlier run)", *r[1:]] for r in combine(name, tables)]
+            notes += [f"{name} (earlier run): {n}" for n in extra]
+            raw.append(section)
+            kept.append(name)
     header = ["benchmark", "measured", "compared with", "ratio", "details"]
     table = markdown_table(header, rows)
     summary = table + "\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes) if notes else table
@@ -154,7 +184,9 @@ def collect(benches: Sequence[Bench], quick: bool = False, log=sys.stderr) -> tu
     full = (f"# fsclip benchmarks\n\nAll ratios below were measured in one run of `python -m eval.bench "
             f"{names}{' --quick' if quick else ''}` on {started} "
             f"({time.perf_counter() - t0:.0f} s): {where}. Ratios compare two ways of doing the same work on the "
-            f"same machine in the same process, so they travel better than absolute rates.\n\n"
+            f"same machine in the same process, so they travel better than absolute rates."
+            + (f" Rows marked \"earlier run\" ({', '.join(kept)}) were not run this time: they come from the "
+               f"report before, {when}." if kept else "") + "\n\n"
             f"{summary}\n\n## Full output of each benchmark\n\n" + "\n\n".join(raw) + "\n")
     return summary, full
 
@@ -166,7 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=OUT, help=f"Markdown file to write (default: {OUT})")
     args = p.parse_args(argv)
     chosen = [b for b in BENCHES if "all" in args.benches or b.name in args.benches]
-    summary, full = collect(chosen, args.quick)
+    earlier = args.out.read_text(encoding="utf-8") if args.out.is_file() and "all" not in args.benches else None
+    summary, full = collect(chosen, args.quick, earlier=earlier)
     print(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".md.tmp")

@@ -24,6 +24,10 @@ END = "<!-- bench:end -->"
 _RUN = re.compile(r"measured in one run of `(?P<cmd>[^`]+)` on (?P<when>\S+) \((?P<secs>\d+) s\): (?P<machine>.+?)\. "
                   r"Ratios compare")
 
+_EARLIER = re.compile(r'Rows marked "earlier run" \((?P<names>[^)]+)\) were not run this time: they come from the '
+                      r"report before, measured in one run of `(?P<cmd>[^`]+)` on (?P<when>\S+) \(\d+ s\): "
+                      r"(?P<machine>.+?)\.\n")
+
 
 def render(bench_md: str) -> str:
     """The README block (without markers) for the report `bench_md` written by `eval.bench`."""
@@ -33,8 +37,11 @@ def render(bench_md: str) -> str:
     summary = bench_md[run.end():].split("## Full output", 1)[0]
     summary = summary[summary.index("\n|") + 1 :].strip()  # from the table on: the table and its notes
     date = run["when"].split("T", 1)[0]
+    older = _EARLIER.search(bench_md)
+    older = (f" Rows marked \"earlier run\" ({older['names']}) come from `{older['cmd']}` on "
+             f"{older['when'].split('T', 1)[0]} ({older['machine']})." if older else "")
     return (f"Measured by `{run['cmd']}` on {date} ({run['machine']}); the full output of each benchmark is in "
-            f"[`eval/results/bench.md`](eval/results/bench.md).\n\n{summary}")
+            f"[`eval/results/bench.md`](eval/results/bench.md).{older}\n\n{summary}")
 
 
 def update(readme: str, block: str) -> str:

@@ -102,6 +102,22 @@ def runnable_methods(backend: Backend) -> list[str]:
     return [m for m in list_adapters() if get_adapter(m).unsupported(backend) is None]
 
 
+def _check_text(cls: type[Adapter], config: AdapterConfig, backend: Backend) -> None:
+    if cls.needs_text(config) and not getattr(backend, "has_text", True):
+        raise AdapterError(f"method {cls.name} needs a text tower (class-name prompts), and {backend.spec!r} has "
+                           f"none; methods for image-only models: {', '.join(runnable_methods(backend))}")
+
+
+def _check_data_parallel(cls: type[Adapter], config: AdapterConfig, backend: Backend, compare_scratch: bool) -> None:
+    """Under a launcher, refuse to train batch-norm statistics: each rank would estimate them on its own
+    part of the batch (torch's SyncBatchNorm, which would share them, is GPU-only)."""
+    if world.size() > 1 and (getattr(config, "batch_norm", None) == "train" or compare_scratch) \
+            and _has_batch_norm(backend):
+        what = "--compare-scratch" if compare_scratch else f"{cls.name} with batch_norm=train"
+        raise UsageError(f"{what} trains the batch-norm statistics of {backend.spec!r}, which data-parallel ranks "
+                         "cannot share; run it in one process")
+
+
 def fit(
     backend: Backend,
     train: LabeledImages,
@@ -148,6 +164,11 @@ def fit(
     plan_log.info("fit: %s on %d training images of %d classes (%d validation images); budget %s on %s",
                   method, len(train), len(train.classes), len(val), budget.describe(), backend.device)
     advice = None
+    if method != AUTO:  # a method that cannot run on this model fails before anything is measured
+        cls = get_adapter(method)
+        cfg = _config(cls, config, overrides, lenient=False)
+        _check_text(cls, cfg, backend)
+        _check_data_parallel(cls, cfg, backend, compare_scratch)
     costs = measure_costs(backend, train, budget) if budget.limited or method == AUTO else None
     if method == AUTO:
         if config is not None:
@@ -156,19 +177,12 @@ def fit(
                                         budget=budget, progress=progress, options=overrides, costs=costs))
         method = advice.method
         overrides = {**overrides, **advice.options}
-    cls = get_adapter(method)
-    cfg = _config(cls, config, overrides, lenient=advice is not None)
+        cls = get_adapter(method)
+        cfg = _config(cls, config, overrides, lenient=True)
+        _check_text(cls, cfg, backend)
+        _check_data_parallel(cls, cfg, backend, compare_scratch)
     if compare_scratch and "val_curve" in cfg.fields():
         cfg = cfg.with_options(val_curve=True)
-    if cls.needs_text(cfg) and not getattr(backend, "has_text", True):
-        raise AdapterError(f"method {method} needs a text tower (class-name prompts), and {backend.spec!r} has "
-                           f"none; methods for image-only models: {', '.join(runnable_methods(backend))}")
-    if world.size() > 1 and (getattr(cfg, "batch_norm", None) == "train" or compare_scratch) \
-            and _has_batch_norm(backend):
-        # each rank would estimate the statistics on its part of the batch (torch's SyncBatchNorm is GPU-only)
-        raise UsageError(f"{'--compare-scratch' if compare_scratch else f'{method} with batch_norm=train'} trains "
-                         f"the batch-norm statistics of {backend.spec!r}, which data-parallel ranks cannot share; "
-                         "run it in one process")
     # the base model's validation features (for the zero-shot comparison) now: cached, their cost is
     # counted before any schedule is planned, and frozen-feature adapters read them from the cache later
     encode_items(backend, val.paths, progress=progress, what="validation image")

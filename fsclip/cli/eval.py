@@ -29,7 +29,8 @@ def add_parser(sub) -> None:
                                       "evaluation on the full test split; one result file per (method, K, seed).")
     _add_run_options(fs)
     fs.add_argument("--method", action="append", default=None, metavar="METHOD",
-                    help="adapter (repeatable; see `fsclip fit --help`), default: tip-adapter")
+                    help="adapter (repeatable; see `fsclip fit --help`), default: tip-adapter, or prototype "
+                         "for a model without a text tower")
     fs.add_argument("--shots", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16], help="K values (default: 1 2 4 8 16)")
     fs.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[1, 2, 3], help="seeds (default: 1 2 3)")
     fs.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -90,7 +91,16 @@ def run_tasks(args) -> int:
         load_templates(args.templates)
     # result files are named by run id and written atomically into --out: any folder will do, a file not
     check_output(args.out, "--out", lambda _: True, replaces=False)
-    methods = getattr(args, "method", None) or ["tip-adapter"]
+    loaded = {}
+
+    def backend(spec):
+        if spec not in loaded:
+            loaded[spec] = load_model(spec, device=args.device, dtype=args.dtype, runtime=args.runtime)
+        return loaded[spec]
+
+    methods = getattr(args, "method", None)
+    if not methods:  # the training-free baseline the model can run: Tip-Adapter needs a text tower
+        methods = ["tip-adapter" if args.task != "fewshot" or backend(args.model).has_text else "prototype"]
     if args.task == "fewshot":
         from fsclip.adapters import get_adapter
         from fsclip.adapters.registry import AUTO
@@ -102,7 +112,7 @@ def run_tasks(args) -> int:
                       getattr(args, "seeds", ()), args.templates, parse_options(getattr(args, "option", [])))
     outcomes = run_all(
         specs, args.root, args.out, skip_existing=args.skip_existing, batch_size=args.batch_size,
-        load_backend=lambda spec: load_model(spec, device=args.device, dtype=args.dtype, runtime=args.runtime),
+        load_backend=backend,
         progress=not args.quiet,
     )
     for o in outcomes:

@@ -249,8 +249,9 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
         if existing is not None:
             logger.info("%s: already done, skipped", spec.run_id)
             return RunOutcome(spec, Path(out_dir) / f"{spec.run_id}.json", existing, True)
+        data = dataset(spec)  # before the model: a bad dataset is found without loading one
         check(spec)
-        outcome = run_one(spec, backend(spec), dataset(spec), out_dir, batch_size, progress)
+        outcome = run_one(spec, backend(spec), data, out_dir, batch_size, progress)
         logger.info("%s: done", spec.run_id)
         return outcome
 
@@ -261,13 +262,9 @@ def run_all(specs: Sequence[RunSpec], root: str | Path, out_dir: str | Path, *, 
     def needed() -> list[tuple[str, str]]:  # (model, dataset) pairs some run needs, each loaded here
         todo = [s for s in specs if done(s, warn=False) is None]
         for s in todo:
+            dataset(s)
             check(s)
-        pairs = [(s.model, s.dataset) for s in todo]
-        for s in specs:
-            if (s.model, s.dataset) in pairs:
-                backend(s)
-                dataset(s)
-        return list(dict.fromkeys(pairs))
+        return list(dict.fromkeys((s.model, s.dataset) for s in todo))
 
     # the evaluated images of each, encoded once, a part per rank (a loading error stops every rank)
     for pair in world.gather_results(needed)[0]:

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -128,6 +129,44 @@ def connect(path: Path, write: bool = False) -> sqlite3.Connection:
         con.close()
         raise
     return con
+
+
+class Connections:
+    """One catalog connection per thread, reopened when the catalog file is replaced; `close` ends them all."""
+
+    def __init__(self):
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def get(self, key, folder: Path, check=None) -> sqlite3.Connection:
+        """This thread's connection for `key` (the catalog's identity); `check()` runs after a reconnect."""
+        local = self._local
+        if getattr(local, "key", None) != key:
+            old = getattr(local, "con", None)
+            if old is not None:  # the catalog was replaced: this thread's old connection is done
+                old.close()
+                with self._lock:
+                    self._all.remove(old)
+            local.con, local.key = None, None
+            con = connect(folder)
+            try:
+                if check is not None:
+                    check()
+            except BaseException:
+                con.close()
+                raise
+            with self._lock:
+                self._all.append(con)
+            local.con, local.key = con, key
+        return local.con
+
+    def close(self) -> None:
+        with self._lock:
+            for con in self._all:
+                con.close()
+            self._all.clear()
+        self._local = threading.local()
 
 
 def _upgrade(con: sqlite3.Connection, path: Path) -> None:

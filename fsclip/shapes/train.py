@@ -143,6 +143,19 @@ def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> tor
     return F.cross_entropy(sim, target)
 
 
+def optimizer(named, lr: float, steps: int, decays=lambda name, p: p.ndim >= 2):
+    """AdamW with weight decay 0.05 on the parameters `decays` picks, 5 % linear warm-up, then cosine decay."""
+    named = list(named)
+    decay = [p for n, p in named if decays(n, p)]
+    other = [p for n, p in named if not decays(n, p)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}], lr=lr)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    return opt, sched
+
+
 def train(steps: int, batch_size: int, n_images: int, seed: int, lr: float = 2e-3, heldout_images: bool = False,
           init: Path | None = None, partial: float = 0.5, extra_share: float = 0.4, ssl_weight: float = 0.0):
     import open_clip
@@ -168,13 +181,7 @@ def train(steps: int, batch_size: int, n_images: int, seed: int, lr: float = 2e-
     ssl_head = torch.nn.Sequential(torch.nn.Linear(dim, 256), torch.nn.GELU(), torch.nn.Linear(256, dim))
     gen = torch.Generator().manual_seed(seed)
     named = list(model.named_parameters()) + [(f"ssl.{n}", p) for n, p in ssl_head.named_parameters()]
-    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
-    other = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}], lr=lr)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-    )
+    opt, sched = optimizer(named, lr, steps, decays=lambda n, p: p.ndim >= 2 and "embedding" not in n)
     model.train()
     for step in range(steps):
         idx = torch.from_numpy(rng.choice(n_images, batch_size, replace=False))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fsclip._io import atomic_dir
+from fsclip.shapes.train import optimizer
 from fsclip.shapes.world import BASE_SHAPES, COLOURS, NOVEL_SHAPES, PRETRAIN_SHAPES, render
 
 logger = logging.getLogger(__name__)
@@ -118,13 +118,7 @@ def train(steps: int, batch_size: int, n_images: int, seed: int, lr: float = 3e-
     pixels, targets = render_set(pairs, n_images, rng)
     logger.info("rendered %d images in %.0fs", n_images, time.perf_counter() - t0)
     gen = torch.Generator().manual_seed(seed)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    other = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": other, "weight_decay": 0.0}], lr=lr)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-    )
+    opt, sched = optimizer(model.named_parameters(), lr, steps)
     model.train()
     for step in range(steps):
         idx = torch.from_numpy(rng.choice(n_images, batch_size, replace=False))

@@ -74,12 +74,3 @@ def test_own_head_on_the_bundled_backbone(photos, capsys):
     acc = sum(r["label"] == t for r, t in zip(records, truth)) / len(records)
     # its 112 classes are "<colour> <shape>"; measured 1.000 on these 144 renders and on those of seeds 6, 7
     assert acc >= 0.95, acc
-
-
-def test_fit_refuses_a_text_method_on_an_image_only_model(tmp_path, tiny_timm_dir, capsys):
-    write_folder(tmp_path / "train", {"circle": [("red", "circle")], "star": [("blue", "star")]}, 4)
-    code, out, err = run(capsys, "fit", tmp_path / "train", "--model", tiny_timm_dir, "--method", "coop",
-                         "--out", tmp_path / "a", "-q")
-    assert code == 2 and not (tmp_path / "a").exists()
-    line = _one_error_line(err)
-    assert "needs a text tower" in line and "prototype" in line  # names the methods that can run

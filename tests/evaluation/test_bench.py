@@ -53,6 +53,22 @@ def test_missing_and_failing_benchmarks_become_notes():
     assert "| benchmark | measured | compared with | ratio | details |" in summary
 
 
+def test_a_subset_run_keeps_the_other_benchmarks_rows_from_the_report_before():
+    from eval.readme_figures import render
+
+    _, before = collect([Bench("encode", "eval.bench_that_does_not_exist")], quick=True, log=io.StringIO())
+    before = before.replace("`python -m eval.bench encode --quick`", "`python -m eval.bench all`")
+    before += f"\n### search (`python -m eval.bench_search`, 846 s)\n\n{SEARCH}"
+    summary, full = collect([Bench("encode", "eval.bench_that_does_not_exist")], log=io.StringIO(), earlier=before)
+    assert "| search: Flat vs IVF (synthetic unit vectors) (earlier run) | embedding-like 1,000,000 x 512" in summary
+    assert 'Rows marked "earlier run" (search) were not run this time' in full
+    assert "### search (`python -m eval.bench_search`, 846 s)" in full  # its full output is kept too
+    assert "- encode: skipped" in summary  # what ran now reports as usual
+    block = render(full)
+    assert block.startswith("Measured by `python -m eval.bench encode` on ")
+    assert 'Rows marked "earlier run" (search) come from `python -m eval.bench all` on ' in block
+
+
 def test_readme_figures_are_the_committed_bench_report():
     """README.md's benchmark block is exactly what `python -m eval.readme_figures` writes from bench.md."""
     from eval.readme_figures import BENCH, README, render, update

@@ -29,7 +29,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -158,9 +157,7 @@ class FaissStore(Store):
         self.path = path
         self.location = str(path)
         self.catalog_dir = path
-        self._local = threading.local()
-        self._cons: list[sqlite3.Connection] = []
-        self._cons_lock = threading.Lock()
+        self._cons = catalog.Connections()
 
     # -- finding and creating
     @classmethod
@@ -200,11 +197,7 @@ class FaissStore(Store):
         return cls(path)
 
     def close(self) -> None:
-        with self._cons_lock:
-            for con in self._cons:
-                con.close()
-            self._cons.clear()
-        self._local = threading.local()
+        self._cons.close()
 
     # -- the catalog
     def catalog(self, snap: Snapshot | None = None) -> sqlite3.Connection:
@@ -212,22 +205,12 @@ class FaissStore(Store):
 
     def _connection(self, folder: tuple[int, int]) -> sqlite3.Connection:
         """This thread's connection to the index folder `folder` (its device/inode)."""
-        local = self._local
-        if getattr(local, "folder", None) != folder:
-            old = getattr(local, "con", None)
-            if old is not None:  # the folder was replaced: this thread's old connection is done
-                old.close()
-                with self._cons_lock:
-                    self._cons.remove(old)
-            local.con, local.folder = None, None
-            con = catalog.connect(self.path)
+
+        def still_there():
             if folder_id(self.path) != folder:
-                con.close()
                 raise IndexChangedError(f"index {self.path} was replaced while it was being read; retry")
-            with self._cons_lock:
-                self._cons.append(con)
-            local.con, local.folder = con, folder
-        return local.con
+
+        return self._cons.get(folder, self.path, still_there)
 
     # -- reading
     def snapshot(self, current: Snapshot | None = None) -> Snapshot:

@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import sqlite3
-import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -259,9 +258,7 @@ class MilvusStore(Store):
         self.path = Path(loc.uri) if loc.lite else None
         self.client = client
         self.collection = loc.collection
-        self._local = threading.local()
-        self._cons: list[sqlite3.Connection] = []
-        self._cons_lock = threading.Lock()
+        self._cons = catalog.Connections()
 
     # -- finding and creating
     @classmethod
@@ -322,11 +319,7 @@ class MilvusStore(Store):
         return cls(location, loc, client)
 
     def close(self) -> None:
-        with self._cons_lock:
-            for con in self._cons:
-                con.close()
-            self._cons.clear()
-        self._local = threading.local()
+        self._cons.close()
         self.client.close()
 
     # -- reading
@@ -430,16 +423,7 @@ class MilvusStore(Store):
             st = os.stat(self.catalog_dir / catalog.DB_NAME)
         except FileNotFoundError:
             return None
-        local = self._local
-        if getattr(local, "file", None) != (st.st_dev, st.st_ino):  # first use, or the index was rebuilt
-            if getattr(local, "con", None) is not None:
-                local.con.close()
-                with self._cons_lock:
-                    self._cons.remove(local.con)
-            local.con, local.file = catalog.connect(self.catalog_dir), (st.st_dev, st.st_ino)
-            with self._cons_lock:
-                self._cons.append(local.con)
-        return local.con
+        return self._cons.get((st.st_dev, st.st_ino), self.catalog_dir)  # reconnects when the index was rebuilt
 
     @contextlib.contextmanager
     def writer(self):
