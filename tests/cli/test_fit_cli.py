@@ -130,7 +130,9 @@ def test_ctrl_c_ends_cleanly_with_exit_130_and_nothing_written(folders, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "fsclip", "fit", str(folders / "train"), "--val",
                              str(folders / "val"), "--model", "shapes", "--method", "lora", "--iters", "100000",
                              "--out", str(out), "--templates", "shapes", "--device", "cpu"],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            # a suite started in the background (`pytest &`) ignores SIGINT; its children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -140,8 +142,12 @@ def test_ctrl_c_ends_cleanly_with_exit_130_and_nothing_written(folders, tmp_path
             break
     assert lines[-1].startswith("lora training: 100000 steps (as given"), lines
     proc.send_signal(signal.SIGINT)
-    rest = proc.stderr.read().splitlines()
-    assert proc.wait(timeout=60) == 130
+    try:
+        rest = proc.communicate(timeout=60)[1].splitlines()
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("fsclip fit did not stop within 60 s of SIGINT") from None
+    assert proc.returncode == 130
     assert [line for line in rest if "interrupted" in line] == [f"fsclip: interrupted; nothing was written to {out}"]
     assert not any("Traceback" in line for line in rest)
     assert not out.exists() and not list(tmp_path.glob(".lora*"))
