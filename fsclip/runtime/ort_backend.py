@@ -147,6 +147,9 @@ class OrtBackend(Backend):
     def project_image(self, pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise self._inference_only()
 
+    def reset_weights(self) -> None:  # training from scratch
+        raise self._inference_only()
+
     def _run_image(self, pixels: torch.Tensor, output: str) -> torch.Tensor:
         self._no_grad()
         x = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())

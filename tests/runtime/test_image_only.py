@@ -204,7 +204,7 @@ NOT_DELEGATED = {"forward_images", "forward_texts", "forward_own_head", "forward
                  "encode_texts", "encode_own_head", "runtime", "features_id"}
 # What adapters that train the towers ask for: an ONNX runtime refuses each in one line.
 TRAINING = {"split_attention", "fuse_attention", "text_token_embedding", "image_projection",
-            "forward_image_pooled", "project_image"}
+            "forward_image_pooled", "project_image", "reset_weights"}  # called on the ONNX backend only
 # Arguments for the methods that take some.
 CALLS = {"preprocess": lambda b: (_image(),), "tokenize": lambda b: (["a photo of a cat."],),
          "matches_fingerprint": lambda b: (b.fingerprint,), "fuse_attention": lambda b: (b.model,),
