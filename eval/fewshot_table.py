@@ -91,33 +91,47 @@ def _schedule(adapter) -> str:
     return ", ".join(parts) or "-"
 
 
-def run(methods: list[str], shots: list[int], seeds: list[int], test_per_class: int, budget: str | None,
-        options: dict | None = None) -> dict:
+def sweep(backend, pool, val_pool, test, methods: list[str], shots: list[int], seeds: list[int],
+          budget: str | None, log: logging.Logger, **fit_options) -> list[dict]:
+    """Every method at every K and seed: K training and min(K, 4) validation images per class drawn per
+    seed, fitted under `budget`, scored on `test`; one record per fit."""
     from fsclip.adapters import fit
-    from fsclip.backends import load_model
     from fsclip.data import sample_shots
 
-    log = logging.getLogger("fewshot_table")
-    backend = load_model("shapes", device="cpu")
     runs = []
+    for k in shots:
+        for seed in seeds:
+            train = sample_shots(pool, k, seed)
+            val = sample_shots(val_pool, min(k, 4), seed)
+            for m in methods:
+                t0 = time.perf_counter()
+                adapter = fit(backend, train, m, val=val, seed=seed, budget=budget, **options_for(m), **fit_options)
+                seconds = time.perf_counter() - t0
+                acc = accuracy(adapter, test)
+                runs.append({"method": m, "shots": k, "seed": seed, "accuracy": acc, "fit_seconds": seconds,
+                             "chose": adapter.name, "schedule": _schedule(adapter)})
+                log.info("%s %d-shot seed %d: %.3f (%s, %.0f s, %s)", m, k, seed, acc, adapter.name, seconds,
+                         runs[-1]["schedule"])
+    return runs
+
+
+def cell(values: list[float]) -> str:
+    """Mean ± standard deviation over seeds (the mean alone for one seed)."""
+    mean = statistics.mean(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+
+def run(methods: list[str], shots: list[int], seeds: list[int], test_per_class: int, budget: str | None,
+        options: dict | None = None) -> dict:
+    from fsclip.backends import load_model
+
+    backend = load_model("shapes", device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
         # pools twice the largest draw, so that every seed samples other training and validation images
         pool, val_pool, test = write_task(Path(tmp), 2 * max(shots), 8, test_per_class)
         zs = zero_shot_accuracy(backend, test)
-        for k in shots:
-            for seed in seeds:
-                train = sample_shots(pool, k, seed)
-                val = sample_shots(val_pool, min(k, 4), seed)
-                for m in methods:
-                    t0 = time.perf_counter()
-                    adapter = fit(backend, train, m, val=val, templates="shapes", seed=seed, budget=budget,
-                                  **options_for(m), **(options or {}))
-                    seconds = time.perf_counter() - t0
-                    acc = accuracy(adapter, test)
-                    runs.append({"method": m, "shots": k, "seed": seed, "accuracy": acc, "fit_seconds": seconds,
-                                 "chose": adapter.name, "schedule": _schedule(adapter)})
-                    log.info("%s %d-shot seed %d: %.3f (%s, %.0f s, %s)", m, k, seed, acc, adapter.name, seconds,
-                             runs[-1]["schedule"])
+        runs = sweep(backend, pool, val_pool, test, methods, shots, seeds, budget, logging.getLogger("fewshot_table"),
+                     templates="shapes", **(options or {}))
     return {"zero_shot": zs, "test_per_class": test_per_class, "budget": budget or "default (3m on CPU)",
             "options": options or {}, "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs}
 
@@ -128,10 +142,6 @@ def table(results: dict) -> str:
     methods += sorted({r["method"] for r in runs} - set(methods))
     shots = sorted({r["shots"] for r in runs})
     seeds = sorted({r["seed"] for r in runs})
-
-    def cell(values: list[float]) -> str:
-        mean = statistics.mean(values)
-        return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
 
     zs = results["zero_shot"]
     header = ["method", *[f"{k}-shot" for k in shots], "fit time (mean)", f"ran at {shots[-1]} shots"]

@@ -27,14 +27,13 @@ import json
 import logging
 import statistics
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from eval._timing import markdown_table
-from eval.fewshot_table import _schedule, accuracy, options_for, write_task
+from eval.fewshot_table import cell, sweep, write_task
 
 SHOTS = (1, 4, 16, 100)
 MODEL = "shapes-resnet"
@@ -43,35 +42,14 @@ ORDER = ("scratch", "prototype", "linear-probe", "partial-ft", "full-ft", "lora"
 
 def run(methods: list[str], shots: list[int], seeds: list[int], test_per_class: int, budget: str | None,
         model: str = MODEL) -> dict:
-    from fsclip.adapters import fit
     from fsclip.backends import load_model
-    from fsclip.data import sample_shots
 
-    log = logging.getLogger("transfer_table")
     backend = load_model(model, device="cpu")
-    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         pool, val_pool, test = write_task(Path(tmp), 2 * max(shots), 8, test_per_class)
-        for k in shots:
-            for seed in seeds:
-                train = sample_shots(pool, k, seed)
-                val = sample_shots(val_pool, min(k, 4), seed)
-                for m in methods:
-                    t0 = time.perf_counter()
-                    adapter = fit(backend, train, m, val=val, seed=seed, budget=budget, **options_for(m))
-                    seconds = time.perf_counter() - t0
-                    acc = accuracy(adapter, test)
-                    runs.append({"method": m, "shots": k, "seed": seed, "accuracy": acc, "fit_seconds": seconds,
-                                 "chose": adapter.name, "schedule": _schedule(adapter)})
-                    log.info("%s %d-shot seed %d: %.3f (%s, %.0f s, %s)", m, k, seed, acc, adapter.name, seconds,
-                             runs[-1]["schedule"])
+        runs = sweep(backend, pool, val_pool, test, methods, shots, seeds, budget, logging.getLogger("transfer_table"))
     return {"model": model, "test_per_class": test_per_class, "budget": budget or "default (3m on CPU)",
             "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs}
-
-
-def _cell(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
 
 
 def table(results: dict) -> str:
@@ -86,7 +64,7 @@ def table(results: dict) -> str:
     rows = []
     for m in methods:
         mine = [r for r in runs if r["method"] == m]
-        accs = [_cell([r["accuracy"] for r in mine if r["shots"] == k]) if (m, k) in mean else "–" for k in shots]
+        accs = [cell([r["accuracy"] for r in mine if r["shots"] == k]) if (m, k) in mean else "–" for k in shots]
         last = [r for r in mine if r["shots"] == shots[-1]] or mine
         ran = Counter(r["schedule"] for r in last).most_common(1)[0][0]
         if m == "auto":
