@@ -35,7 +35,7 @@ from fsclip.adapters._features import FeatureData, encode_views
 from fsclip.adapters._frozen import FeatureAdapter
 from fsclip.adapters._train import FeatureBatches, run_training
 from fsclip.adapters.base import BaseModel
-from fsclip.adapters.config import AdapterConfig, check_field
+from fsclip.adapters.config import AdapterConfig, check_augmentation, check_counts, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
@@ -73,15 +73,12 @@ class ClapConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("views", "epochs"):
-            value = getattr(self, name)
-            check_field(value is None or (isinstance(value, int) and value >= 1), name, value, "an integer >= 1 or None")
+        check_counts(self, "views", "epochs")
         check_field(self.lr > 0, "lr", self.lr, "> 0")
         check_field(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         check_field(isinstance(self.lagrangian_updates, bool), "lagrangian_updates", self.lagrangian_updates,
                     "true or false")
-        check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
-        check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
+        check_augmentation(self)
 
 
 def zero_shot_multipliers(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -22,6 +22,19 @@ def check_field(ok: bool, field: str, value: Any, expected: str) -> None:
         raise UsageError(f"{field} must be {expected}, got {value!r}")
 
 
+def check_counts(config, *names: str) -> None:
+    """Each of `names` is None (the method's default) or an integer >= 1."""
+    for name in names:
+        value = getattr(config, name)
+        check_field(value is None or (isinstance(value, int) and value >= 1), name, value, "an integer >= 1 or None")
+
+
+def check_augmentation(config) -> None:
+    """The random-resized-crop scale and flip flag every augmenting method has."""
+    check_field(0.05 <= config.crop_scale <= 1.0, "crop_scale", config.crop_scale, "in [0.05, 1]")
+    check_field(isinstance(config.flip, bool), "flip", config.flip, "true or false")
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Options every adapter has.
@@ -111,18 +124,14 @@ class TrainingConfig(AdapterConfig):
         check_field(self.lr > 0, "lr", self.lr, "> 0")
         check_field(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         check_field(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        check_field(self.epochs is None or (isinstance(self.epochs, int) and self.epochs >= 1), "epochs",
-                    self.epochs, "an integer >= 1 or None")
-        check_field(self.iters is None or (isinstance(self.iters, int) and self.iters >= 1), "iters",
-                    self.iters, "an integer >= 1 or None")
+        check_counts(self, "epochs", "iters")
         if self.epochs is not None and self.iters is not None:
             raise UsageError(f"give epochs or iters, not both (epochs={self.epochs}, iters={self.iters})")
         check_field(isinstance(self.eval_every, int) and self.eval_every >= 0, "eval_every", self.eval_every, ">= 0")
         check_field(isinstance(self.patience, int) and self.patience >= 0, "patience", self.patience, ">= 0")
         check_field(isinstance(self.keep_best, bool), "keep_best", self.keep_best, "true or false")
         check_field(isinstance(self.val_curve, bool), "val_curve", self.val_curve, "true or false")
-        check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
-        check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
+        check_augmentation(self)
 
     @property
     def validates(self) -> bool:

@@ -30,7 +30,7 @@ from fsclip.adapters._features import encode_views
 from fsclip.adapters._frozen import FeatureAdapter
 from fsclip.adapters._train import FeatureBatches, class_targets, run_training, shots_per_class
 from fsclip.adapters.base import BaseModel
-from fsclip.adapters.config import AdapterConfig, check_field
+from fsclip.adapters.config import AdapterConfig, check_augmentation, check_counts, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
@@ -74,13 +74,10 @@ class CoopConfig(AdapterConfig):
     def __post_init__(self):
         super().__post_init__()
         check_field(isinstance(self.n_ctx, int) and 1 <= self.n_ctx <= 64, "n_ctx", self.n_ctx, "an integer in [1, 64]")
-        for name in ("views", "epochs"):
-            value = getattr(self, name)
-            check_field(value is None or (isinstance(value, int) and value >= 1), name, value, "an integer >= 1 or None")
+        check_counts(self, "views", "epochs")
         check_field(self.lr > 0, "lr", self.lr, "> 0")
         check_field(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
-        check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
-        check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
+        check_augmentation(self)
 
 
 class Prompts:

@@ -35,7 +35,7 @@ from fsclip.adapters._train import (
     trainable_copy,
 )
 from fsclip.adapters.base import Adapter, BaseModel
-from fsclip.adapters.config import AdapterConfig, check_field
+from fsclip.adapters.config import AdapterConfig, check_augmentation, check_counts, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
@@ -71,13 +71,10 @@ class ProlipConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("views", "epochs"):
-            value = getattr(self, name)
-            check_field(value is None or (isinstance(value, int) and value >= 1), name, value, "an integer >= 1 or None")
+        check_counts(self, "views", "epochs")
         check_field(self.lr > 0, "lr", self.lr, "> 0")
         check_field(self.penalty is None or self.penalty >= 0, "penalty", self.penalty, ">= 0 or None")
-        check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
-        check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
+        check_augmentation(self)
 
 
 def _projection(backend: Backend) -> torch.nn.Parameter:

@@ -29,7 +29,7 @@ from fsclip.adapters._crossval import cross_validate, fold_count, stratified_fol
 from fsclip.adapters._features import FeatureData, encode_views
 from fsclip.adapters._frozen import FeatureAdapter
 from fsclip.adapters.base import BaseModel
-from fsclip.adapters.config import AdapterConfig, check_field
+from fsclip.adapters.config import AdapterConfig, check_augmentation, check_field
 from fsclip.adapters.registry import register_adapter
 from fsclip.backends import Backend
 from fsclip.data import LabeledImages
@@ -73,8 +73,7 @@ class TipAdapterConfig(AdapterConfig):
         check_field(self.views is None or (isinstance(self.views, int) and self.views >= 0), "views", self.views,
                     "an integer >= 0 or None")
         check_field(isinstance(self.folds, int) and self.folds >= 2, "folds", self.folds, "an integer >= 2")
-        check_field(0.05 <= self.crop_scale <= 1.0, "crop_scale", self.crop_scale, "in [0.05, 1]")
-        check_field(isinstance(self.flip, bool), "flip", self.flip, "true or false")
+        check_augmentation(self)
 
 
 def cache_keys(features: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
