@@ -101,7 +101,7 @@ def bench_steps(steps: int) -> list[list]:
     threads = torch.get_num_threads()
     ctx = mp.get_context("spawn")
     rows = []
-    for method, what in (("lora", "LoRA r=2 on q,k,v (+out) of both towers"), ("full-ft", "full fine-tuning, image tower")):
+    for method, what in (("lora", "LoRA r=2 on q, k, v of both towers"), ("full-ft", "full fine-tuning, image tower")):
         queue = ctx.Queue()
         proc = ctx.Process(target=_step_cost, args=(method, steps, threads, queue))
         proc.start()
