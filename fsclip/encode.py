@@ -33,8 +33,10 @@ def iter_encoded(
     progress: bool = False,
     draft: bool = True,
     encode: Callable[..., torch.Tensor] | None = None,
+    warn: bool = True,
 ) -> Iterator[EncodedBatch]:
-    """Encode images batch by batch; unreadable inputs come back in `errors`, never as exceptions.
+    """Encode images batch by batch; unreadable inputs come back in `errors`, never as exceptions
+    (and are logged as skipped unless not `warn`).
 
     `encode(pixels, batch_size=...)` turns a pixel batch into rows (default `backend.encode_images`;
     `backend.encode_own_head` gives the model's own logits instead).
@@ -43,7 +45,7 @@ def iter_encoded(
     draft_size = backend.decode_size if draft else None
     bar = tqdm(total=len(items), unit="img", disable=None if progress else True, desc="encoding")
     try:
-        for batch in iter_batches(items, backend.preprocess, batch_size, num_workers, draft_size):
+        for batch in iter_batches(items, backend.preprocess, batch_size, num_workers, draft_size, warn=warn):
             if batch.pixels is None:
                 feats = torch.empty(0, backend.embed_dim, device=backend.device)
             else:
@@ -55,11 +57,11 @@ def iter_encoded(
 
 
 def encode_images(
-    backend: Backend, items: Sequence[Item], batch_size: int = 32, progress: bool = False
+    backend: Backend, items: Sequence[Item], batch_size: int = 32, progress: bool = False, warn: bool = True
 ) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
     """All at once: (features of the images that loaded, their positions, failures)."""
     feats, indices, errors = [], [], []
-    for b in iter_encoded(backend, items, batch_size=batch_size, progress=progress):
+    for b in iter_encoded(backend, items, batch_size=batch_size, progress=progress, warn=warn):
         feats.append(b.features)
         indices.extend(b.indices)
         errors.extend(b.errors)

@@ -251,10 +251,13 @@ def iter_batches(
     batch_size: int = 32,
     num_workers: int | None = None,
     draft_size: int | None = None,
+    warn: bool = True,
 ) -> Iterator[Batch]:
     """Decode and transform `items` in background threads, yielding batches in input order.
 
-    Loading runs up to two batches ahead of the consumer, so model compute and decoding overlap.
+    Loading runs up to two batches ahead of the consumer, so model compute and decoding overlap. An
+    unreadable item is logged as skipped (unless not `warn`: the caller reports or refuses it) and
+    comes back in the batch's `errors`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -282,6 +285,7 @@ def iter_batches(
                     indices.append(i)
                 except ImageLoadError as e:
                     errors.append((i, str(e)))
-                    logger.warning("skipping %s: %s", items[i], e)
+                    if warn:
+                        logger.warning("skipping %s: %s", items[i], e)
                 fill()
             yield Batch(indices, torch.stack(tensors) if tensors else None, errors)

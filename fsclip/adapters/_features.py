@@ -112,8 +112,9 @@ def encode_items(
     if todo:
         def encode(own: range) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
             idx = [todo[j] for j in own]
+            # unreadable files are refused below in one line, not also logged as skipped
             feats, found, errors = encode_images(backend, [items[i] for i in idx], batch_size=batch_size,
-                                                 progress=progress and world.is_main())
+                                                 progress=progress and world.is_main(), warn=False)
             return feats.float().cpu(), [idx[k] for k in found], [(idx[k], why) for k, why in errors]
 
         parts = world.map_parts(len(todo), encode)

@@ -80,13 +80,15 @@ def split_features(backend: Backend, paths: Sequence[Path], tag: str, batch_size
     def encode(own: range) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
         idx = list(own)
         feats, ok, errs = encode_images(backend, [paths[i] for i in idx], batch_size=batch_size,
-                                        progress=progress and world.is_main())
+                                        progress=progress and world.is_main(), warn=False)  # reported below
         return feats.float().cpu(), [idx[k] for k in ok], [(idx[k], why) for k, why in errs]
 
     parts = world.map_parts(len(paths), encode)
     errors = tuple((str(paths[i]), why) for _, _, errs in parts for i, why in errs)
     for path, why in errors[:5]:
         logger.warning("%s: left out %s (%s)", tag, path, why)
+    if len(errors) > 5:
+        logger.warning("%s: left out %d more unreadable image(s) (counted in skipped_images)", tag, len(errors) - 5)
     ok = [i for _, found, _ in parts for i in found]
     out = SplitFeatures(torch.cat([feats for feats, _, _ in parts]), torch.tensor(ok, dtype=torch.long), errors, False)
     if use_cache and world.is_local_main():

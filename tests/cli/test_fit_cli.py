@@ -204,6 +204,11 @@ def test_unreadable_training_image(folders, tmp_path, capsys):
     (train / "circle" / "zz-broken.png").write_bytes(b"\x89PNG broken")
     msg = _fit_fails([str(train), "--val", str(folders / "val"), "--method", "tip-adapter"], capsys, tmp_path / "out")
     assert "cannot read 1 training image(s)" in msg and "zz-broken.png" in msg
+    # without -q: the plan line, then the refusal; never a "skipping" warning for a file that is refused
+    args = [str(train), "--val", str(folders / "val"), "--method", "tip-adapter", "--model", "shapes", "--device", "cpu"]
+    assert main(["fit", *args, "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == msg and not any("skipping" in line for line in err), err
 
 
 def test_validation_labels_differ(folders, tmp_path, capsys):
