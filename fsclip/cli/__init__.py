@@ -25,6 +25,23 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"fsclip: error: {message} (see '{self.prog} --help')\n")
 
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports leftovers from the top parser; name the help of the command that got them
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            prog = getattr(ns, "_prog", self.prog)
+            self.exit(2, f"fsclip: error: unrecognized arguments: {' '.join(extras)} (see '{prog} --help')\n")
+        return ns
+
+
+def _name_commands(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command parser records its own prog, for the usage error above."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.set_defaults(_prog=child.prog)
+                _name_commands(child)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fsclip", description="Zero-shot, few-shot and search with CLIP models.")
@@ -39,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not built yet
             raise
         module.add_parser(sub)
+    _name_commands(parser)
     return parser
 
 

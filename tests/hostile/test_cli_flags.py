@@ -44,3 +44,18 @@ def test_user_passes_an_impossible_flag_value(argv, flag, capsys):
 def test_user_misspells_a_flag_and_gets_one_line(capsys):
     assert main(["classify", ".", "--labels", "a,b", "--top-kk", "3"]) == 2
     assert "--top-kk" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["search", "idx", "--like", "x.png"], "fsclip search"),
+        (["index", "build", "photos", "--index", "idx", "--bogus"], "fsclip index build"),
+        (["fit", "train", "--out", "x", "extra-folder"], "fsclip fit"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v,
+)
+def test_unknown_flag_points_at_the_commands_own_help(argv, command, capsys):
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "unrecognized arguments" in line and line.endswith(f"(see '{command} --help')"), line
