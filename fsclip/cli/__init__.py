@@ -82,6 +82,24 @@ def _silenced(rank: int, stderr: bool = False):
         yield
 
 
+def _hush_libraries(quiet: bool) -> None:
+    """Without --verbose, the libraries' own chatter stays off stderr: Python warnings (deprecations
+    inside transformers or PEFT) go through logging, whose handler keeps only fsclip's records, and
+    transformers, which prints through a handler of its own, reports errors only; with -q its weight-
+    loading and download bars go too. An explicit TRANSFORMERS_VERBOSITY is left as the user set it."""
+    logging.captureWarnings(True)
+    explicit = "TRANSFORMERS_VERBOSITY" in os.environ
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # for an import still to come
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        if not explicit:
+            hf_logging.set_verbosity_error()
+        if quiet:
+            hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     rank = world.launch_rank()
@@ -102,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         handlers=[handler],
         force=True,
     )
+    if not args.verbose:
+        _hush_libraries(quiet)
     together = False  # under a launcher: the ranks leave together, after success or an error all of them met
     try:
         if world.launched():
@@ -127,5 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_stdout()
         return 141  # 128 + SIGPIPE, the shell's status for a process ended by a closed pipe
     finally:
+        logging.captureWarnings(False)
         if together:
             world.leave()

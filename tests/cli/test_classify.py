@@ -77,3 +77,37 @@ def test_nothing_readable_exits_nonzero(tmp_path, tiny_openclip_dir, capsys):
     code, _, err = run(capsys, "classify", str(tmp_path / "missing"), "--model", str(tiny_openclip_dir),
                        "--labels", "a,b", "-q")
     assert code == 2 and "no such file" in err
+
+
+def test_libraries_stay_quiet_unless_verbose(folder, tiny_hf_clip_dir):
+    """transformers prints through a handler of its own (config notes, a weight-loading bar): with -q
+    none of it reaches stderr, with -v it does."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    args = ["classify", str(folder / "img0.png"), "--model", str(tiny_hf_clip_dir), "--labels", "red,green"]
+    quiet = subprocess.run([sys.executable, "-m", "fsclip", *args, "-q"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    loud = subprocess.run([sys.executable, "-m", "fsclip", "-v", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr, loud.stderr
+
+
+def test_python_warnings_go_through_the_filtered_log(caplog):
+    """Without -v a library's warnings.warn (a deprecation inside transformers or PEFT) becomes a log
+    record of `py.warnings`, which the CLI's handler drops unless --verbose."""
+    import logging
+    import warnings
+
+    from fsclip.cli import _hush_libraries
+
+    try:
+        _hush_libraries(quiet=False)
+        with caplog.at_level(logging.WARNING, logger="py.warnings"):
+            warnings.warn("library chatter", UserWarning, stacklevel=1)
+    finally:
+        logging.captureWarnings(False)
+    assert [r.name for r in caplog.records if "library chatter" in r.getMessage()] == ["py.warnings"]
