@@ -35,11 +35,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _name_commands(parser: argparse.ArgumentParser) -> None:
-    """Each (sub)command parser records its own prog, for the usage error above."""
+    """Each (sub)command parser records its own prog, for the usage error above, and takes -v too
+    (`fsclip fit ... -v` as well as `fsclip -v fit ...`; unset there, it leaves the top level's value)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
                 child.set_defaults(_prog=child.prog)
+                if not any(isinstance(a, argparse._SubParsersAction) for a in child._actions):
+                    child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                       help="log progress details to stderr")
                 _name_commands(child)
 
 

@@ -59,3 +59,19 @@ def test_unknown_flag_points_at_the_commands_own_help(argv, command, capsys):
     assert main(argv) == 2
     line = _one_error_line(capsys)
     assert "unrecognized arguments" in line and line.endswith(f"(see '{command} --help')"), line
+
+
+@pytest.mark.parametrize(
+    ("argv", "verbose"),
+    [
+        (["fit", "train", "--out", "x"], False),
+        (["fit", "train", "--out", "x", "-v"], True),
+        (["-v", "fit", "train", "--out", "x"], True),
+        (["index", "info", "idx", "--verbose"], True),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
+)
+def test_verbose_is_taken_before_or_after_the_command(argv, verbose):
+    from fsclip.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is verbose
