@@ -27,14 +27,9 @@ C_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 def pooled_features(backend, paths) -> torch.Tensor:
     """(N, W) normalised image features before the final projection."""
-    from fsclip.images import load_image
+    from fsclip.adapters._features import _forward_crops, load_images_or_fail
 
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(paths), 64):
-            pixels = torch.stack([backend.preprocess(load_image(p)) for p in paths[i : i + 64]])
-            out.append(backend.forward_image_pooled(pixels.to(backend.device, backend.dtype)).float().cpu())
-    return F.normalize(torch.cat(out), dim=-1)
+    return F.normalize(_forward_crops(backend, load_images_or_fail(paths, "image"), 64, pooled=True), dim=-1)
 
 
 def probe(feats: dict[str, torch.Tensor], targets: dict[str, np.ndarray], draws) -> tuple[list[float], Counter]:
